@@ -1,0 +1,142 @@
+"""gateway.yaml → typed, validated settings.
+
+Errors name the file and the key (`gateway.yaml: upstream.timeout: ...`); relative paths
+in the file are resolved against the file's own directory, so a config works from any
+working directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+import pydantic
+
+from gateway.bundled import bundled_dir
+from gateway.yamlfile import ConfigError, Strict, load_yaml, validate
+
+CONFIG_ENV = "GATEWAY_CONFIG"
+
+
+class Listen(Strict):
+    host: str = "127.0.0.1"
+    port: int = pydantic.Field(8080, ge=0, le=65535)
+
+
+class Upstream(Strict):
+    url: str
+    #: seconds: connecting, and the longest silence while waiting for a POST's answer
+    timeout: float = pydantic.Field(30.0, gt=0)
+    connect_timeout: float = pydantic.Field(5.0, gt=0)
+    #: request headers forwarded beyond the built-in MCP allow-list (lower-case names)
+    forward_headers: tuple[str, ...] = ()
+    max_connections: int = pydantic.Field(100, ge=1)
+
+    @pydantic.field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be an http:// or https:// URL")
+        return v
+
+    @pydantic.field_validator("forward_headers")
+    @classmethod
+    def _lower(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(h.lower() for h in v)
+
+
+class PolicyConfig(Strict):
+    engine: Literal["embedded", "opa"] = "embedded"
+    #: directory of .rego files plus data files; empty means the shipped policies/
+    bundle: str = ""
+    entrypoint: str = "mcp/gateway/decision"
+    opa_url: str | None = None
+
+
+class Limits(Strict):
+    max_body_bytes: int = pydantic.Field(1_048_576, ge=1)
+    max_json_depth: int = pydantic.Field(64, ge=2)
+
+
+class Caches(Strict):
+    verified_tokens: int = pydantic.Field(10_000, ge=0)
+    #: a token whose `kid` is unknown triggers at most one JWKS refetch per this many seconds
+    jwks_refetch_interval: float = pydantic.Field(10.0, ge=0)
+    jwks_max_age: float = pydantic.Field(3600.0, gt=0)
+
+
+class GatewayConfig(Strict):
+    public_url: str
+    mcp_path: str = "/mcp"
+    listen: Listen = Listen()
+    upstream: Upstream
+    profile: str
+    policy: PolicyConfig = PolicyConfig()
+    #: browser Origins allowed to call; requests without an Origin header are always fine
+    allowed_origins: tuple[str, ...] = ()
+    limits: Limits = Limits()
+    caches: Caches = Caches()
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @pydantic.field_validator("public_url")
+    @classmethod
+    def _public_url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be an http:// or https:// URL")
+        if parts.query or parts.fragment:
+            raise ValueError("must not have a query or fragment")
+        return v.rstrip("/")
+
+    @pydantic.field_validator("mcp_path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if not v.startswith("/") or v != v.rstrip("/") or "?" in v:
+            raise ValueError("must start with / and not end with / (e.g. /mcp)")
+        return v
+
+    @pydantic.model_validator(mode="after")
+    def _opa_needs_url(self) -> GatewayConfig:
+        if self.policy.engine == "opa" and not self.policy.opa_url:
+            raise ValueError("policy.opa_url is required when policy.engine is opa")
+        return self
+
+    @property
+    def resource(self) -> str:
+        """The protected resource's canonical URL (RFC 9728 `resource`, RFC 8707 audience)."""
+        return self.public_url + self.mcp_path
+
+
+class Settings(pydantic.BaseModel):
+    """A loaded config plus where its relative paths point."""
+
+    model_config = pydantic.ConfigDict(frozen=True)
+    config: GatewayConfig
+    path: Path
+    bundle_dir: Path
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+
+def resolve_config_path(cli_value: str | None) -> Path:
+    value = cli_value or os.environ.get(CONFIG_ENV)
+    if not value:
+        raise ConfigError(f"no configuration: pass --config FILE or set {CONFIG_ENV}")
+    return Path(value)
+
+
+def load_config(path: Path) -> Settings:
+    """Read and validate gateway.yaml; raises ConfigError with every problem found."""
+    path = path.resolve()
+    config = validate(GatewayConfig, load_yaml(path), path.name)
+    bundle = Path(config.policy.bundle) if config.policy.bundle else bundled_dir("policies")
+    if not bundle.is_absolute():
+        bundle = (path.parent / bundle).resolve()
+    if not bundle.is_dir():
+        raise ConfigError(f"{path.name}: policy.bundle: directory {bundle} does not exist")
+    return Settings(config=config, path=path, bundle_dir=bundle)

@@ -1,0 +1,187 @@
+"""MCP requests as the gateway sees them: one parse of the HTTP body and MCP headers.
+
+Both transport revisions are understood: 2025-11-25 (sessions, `initialize`, GET SSE
+streams, DELETE) and 2026-07-28 (stateless POSTs whose `Mcp-Method` / `Mcp-Name`
+headers mirror the body). The gateway decides on the body and refuses a header that
+contradicts it. The raw body is kept and forwarded byte for byte: parsed once, never
+re-serialised, so the upstream reads exactly what the policy judged.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from mcp.shared.inbound import NAME_BEARING_METHODS, PROTOCOL_VERSION_META_KEY, decode_header_value
+
+from gateway import jsonrpc
+from gateway.jsonstrict import StrictDecoder, depth_exceeds
+
+SESSION_HEADER = "mcp-session-id"
+PROTOCOL_HEADER = "mcp-protocol-version"
+METHOD_HEADER = "mcp-method"
+NAME_HEADER = "mcp-name"
+
+
+class McpInputError(Exception):
+    """The request cannot be judged; it is answered with this status and JSON-RPC error."""
+
+    def __init__(self, status: int, code: int, message: str, reason: str, request_id: Any = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.reason = reason
+        self.request_id = request_id
+
+
+@dataclass(frozen=True, slots=True)
+class McpRequest:
+    """One HTTP request on the MCP endpoint, parsed."""
+
+    http_method: str  # POST | GET | DELETE
+    kind: str | None  # request | notification | response; None for GET/DELETE
+    method: str | None
+    id: Any
+    params: dict[str, Any] = field(default_factory=dict)
+    #: the name-bearing value: the tool or prompt name, the resource URI
+    name: str | None = None
+    session_id: str | None = None
+    protocol_version: str | None = None
+    body: bytes = b""
+
+    @property
+    def tool(self) -> str | None:
+        return self.name if self.method == "tools/call" else None
+
+    @property
+    def arguments(self) -> dict[str, Any] | None:
+        args = self.params.get("arguments") if self.method in ("tools/call", "prompts/get") else None
+        return args if isinstance(args, dict) else None
+
+    def policy_view(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "method": self.method,
+            "id": self.id,
+            "tool": self.tool,
+            "arguments": self.arguments,
+            "resource_uri": self.name if self.method == "resources/read" else None,
+            "prompt": self.name if self.method == "prompts/get" else None,
+            "params": {k: v for k, v in self.params.items() if k != "_meta"},
+            "session_id": self.session_id,
+            "protocol_version": self.protocol_version,
+        }
+
+
+def _bad(status: int, code: int, message: str, reason: str, request_id: Any = None) -> McpInputError:
+    return McpInputError(status, code, message, reason, request_id)
+
+
+def parse_stream_request(http_method: str, headers: dict[str, str]) -> McpRequest:
+    """GET (server-to-client SSE stream) and DELETE (end session) carry no body."""
+    return McpRequest(
+        http_method=http_method,
+        kind=None,
+        method=None,
+        id=None,
+        session_id=headers.get(SESSION_HEADER),
+        protocol_version=headers.get(PROTOCOL_HEADER),
+    )
+
+
+def parse_post(body: bytes, headers: dict[str, str], *, max_depth: int) -> McpRequest:
+    """Parse a POSTed JSON-RPC message and check the MCP headers against it.
+
+    `headers` has lower-case names. Raises McpInputError for anything that must not be
+    forwarded: empty or invalid JSON, a non-object, a batch, a bad envelope, a header
+    that contradicts the body.
+    """
+    if not body.strip():
+        raise _bad(400, jsonrpc.INVALID_REQUEST, "the request body is empty", "empty_body")
+    try:
+        msg = json.loads(body, cls=StrictDecoder)
+    except RecursionError:
+        raise _bad(400, jsonrpc.PARSE_ERROR, "the JSON body is nested too deeply", "too_deep") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _bad(400, jsonrpc.PARSE_ERROR, f"the body is not valid JSON: {exc}", "invalid_json") from None
+    if isinstance(msg, list):
+        raise _bad(
+            400,
+            jsonrpc.INVALID_REQUEST,
+            "JSON-RPC batches are not accepted (MCP removed them in 2025-06-18); send one message per request",
+            "batch_not_supported",
+        )
+    if not isinstance(msg, dict):
+        raise _bad(400, jsonrpc.INVALID_REQUEST, "the body must be a JSON-RPC object", "not_an_object")
+    if depth_exceeds(msg, max_depth):
+        raise _bad(400, jsonrpc.INVALID_REQUEST, f"the message is nested deeper than {max_depth} levels", "too_deep")
+    request_id = msg.get("id")
+    if msg.get("jsonrpc") != "2.0":
+        raise _bad(400, jsonrpc.INVALID_REQUEST, 'jsonrpc must be "2.0"', "invalid_envelope", request_id)
+    if "id" in msg and (isinstance(request_id, bool) or not isinstance(request_id, (str, int))):
+        raise _bad(400, jsonrpc.INVALID_REQUEST, "id must be a string or an integer", "invalid_envelope")
+    method = msg.get("method")
+    if "method" in msg:
+        if not isinstance(method, str) or not method:
+            raise _bad(400, jsonrpc.INVALID_REQUEST, "method must be a non-empty string", "invalid_envelope", request_id)
+        kind = "request" if "id" in msg else "notification"
+    elif "id" in msg and ("result" in msg) != ("error" in msg):
+        kind = "response"
+    else:
+        raise _bad(400, jsonrpc.INVALID_REQUEST, "not a JSON-RPC request, notification or response", "invalid_envelope", request_id)
+    params = msg.get("params", {})
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise _bad(400, jsonrpc.INVALID_REQUEST, "params must be an object", "invalid_params", request_id)
+
+    name = _name_param(method, params, request_id)
+    version = _protocol_version(method, params, headers, request_id)
+    _check_routing_headers(method, name, headers, request_id)
+    return McpRequest(
+        http_method="POST",
+        kind=kind,
+        method=method,
+        id=request_id,
+        params=params,
+        name=name,
+        session_id=headers.get(SESSION_HEADER),
+        protocol_version=version,
+        body=body,
+    )
+
+
+def _name_param(method: str | None, params: dict[str, Any], request_id: Any) -> str | None:
+    key = NAME_BEARING_METHODS.get(method or "")
+    if key is None:
+        return None
+    value = params.get(key)
+    if not isinstance(value, str):
+        raise _bad(400, jsonrpc.INVALID_PARAMS, f"{method} needs params.{key} as a string", "invalid_params", request_id)
+    if method in ("tools/call", "prompts/get") and not isinstance(params.get("arguments", {}), dict):
+        raise _bad(400, jsonrpc.INVALID_PARAMS, "params.arguments must be an object", "invalid_params", request_id)
+    return value
+
+
+def _protocol_version(method: str | None, params: dict[str, Any], headers: dict[str, str], request_id: Any) -> str | None:
+    header = headers.get(PROTOCOL_HEADER)
+    meta = params.get("_meta")
+    body_version = meta.get(PROTOCOL_VERSION_META_KEY) if isinstance(meta, dict) else None
+    if body_version is not None and header is not None and header != body_version:
+        raise _bad(400, jsonrpc.HEADER_MISMATCH, f"{PROTOCOL_HEADER} header does not match the body's protocol version", "header_mismatch", request_id)
+    if method == "initialize" and isinstance(params.get("protocolVersion"), str):
+        return params["protocolVersion"]
+    version = body_version if body_version is not None else header
+    return version if isinstance(version, str) else None
+
+
+def _check_routing_headers(method: str | None, name: str | None, headers: dict[str, str], request_id: Any) -> None:
+    method_header = headers.get(METHOD_HEADER)
+    if method_header is not None and method_header != method:
+        raise _bad(400, jsonrpc.HEADER_MISMATCH, f"{METHOD_HEADER} header does not match the body's method", "header_mismatch", request_id)
+    name_header = headers.get(NAME_HEADER)
+    must_name = method_header is not None and name is not None
+    if (name_header is not None or must_name) and decode_header_value(name_header) != name:
+        raise _bad(400, jsonrpc.HEADER_MISMATCH, f"{NAME_HEADER} header does not match the body", "header_mismatch", request_id)

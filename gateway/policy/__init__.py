@@ -1,0 +1,124 @@
+"""Policy decisions: the input contract, the Decision, and the engine interface.
+
+The handler builds one input document per request (`build_input`), asks an engine
+(`PolicyEngine.decide`), and maps the returned Decision to a response. The decision is
+data; no rule is re-implemented in Python. docs/policy.md documents both shapes.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from gateway.messages import McpRequest
+from gateway.profiles import Profile
+from gateway.tokens import VerifiedToken
+
+#: request headers the policy may look at (never Authorization or cookies)
+POLICY_HEADERS = (
+    "accept",
+    "content-type",
+    "mcp-protocol-version",
+    "mcp-session-id",
+    "mcp-method",
+    "mcp-name",
+    "origin",
+    "user-agent",
+)
+
+
+class Action(str, enum.Enum):
+    ACCEPT = "accept"
+    EXCHANGE = "exchange"
+    REJECT = "reject"
+
+
+class PolicyError(Exception):
+    """The engine could not give a usable decision (error, undefined, malformed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: Action
+    reason: str
+    status: int | None = None
+    scopes: tuple[str, ...] = ()
+    audience: tuple[str, ...] = ()
+
+    @classmethod
+    def from_output(cls, value: Any) -> Decision:
+        """Validate what the policy returned; anything off is a PolicyError (fail closed)."""
+        if not isinstance(value, dict):
+            raise PolicyError(f"the decision is not an object: {type(value).__name__}")
+        try:
+            action = Action(value.get("action"))
+        except ValueError:
+            raise PolicyError(f"decision.action must be accept, exchange or reject, got {value.get('action')!r}") from None
+        reason = value.get("reason")
+        if not isinstance(reason, str) or not reason:
+            raise PolicyError("decision.reason must be a non-empty string")
+        status = value.get("status")
+        if status is not None and (isinstance(status, bool) or status not in (400, 401, 403, 404, 429)):
+            raise PolicyError("decision.status must be one of 400, 401, 403, 404, 429")
+        return cls(
+            action=action,
+            reason=reason,
+            status=status,
+            scopes=_strings(value.get("scopes"), "scopes"),
+            audience=_strings(value.get("audience"), "audience"),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"action": self.action.value, "reason": self.reason}
+        if self.status is not None:
+            out["status"] = self.status
+        if self.scopes:
+            out["scopes"] = list(self.scopes)
+        if self.audience:
+            out["audience"] = list(self.audience)
+        return out
+
+
+def _strings(value: Any, name: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (list, set, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(sorted(value)) if isinstance(value, set) else tuple(value)
+    raise PolicyError(f"decision.{name} must be a string or a list of strings")
+
+
+class PolicyEngine(Protocol):
+    """Something that turns a policy input into a Decision."""
+
+    name: str
+
+    async def decide(self, policy_input: dict[str, Any]) -> Decision: ...
+
+
+def build_input(
+    *,
+    token: VerifiedToken,
+    profile: Profile,
+    mcp: McpRequest,
+    http_method: str,
+    path: str,
+    headers: dict[str, str],
+    remote_addr: str | None,
+    resource: str,
+) -> dict[str, Any]:
+    """The documented policy input (docs/policy.md); the only thing a policy ever sees."""
+    return {
+        "token": token.policy_view(),
+        "profile": profile.policy_view(),
+        "mcp": mcp.policy_view(),
+        "request": {
+            "method": http_method,
+            "path": path,
+            "headers": {h: headers[h] for h in POLICY_HEADERS if h in headers},
+            "remote_addr": remote_addr,
+        },
+        "gateway": {"resource": resource},
+    }

@@ -1,0 +1,71 @@
+"""A policy bundle on disk: Rego modules plus data files, read the way OPA reads a directory.
+
+Data files (`*.json`, `*.yaml`, `*.yml`) are placed under `data` at the path of their
+directory relative to the bundle root (the file name does not count), as `opa run DIR`
+does, so one bundle means the same to the embedded engine and to a real OPA.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.yamlfile import ConfigError, load_yaml
+
+DATA_SUFFIXES = (".json", ".yaml", ".yml")
+
+
+@dataclass(frozen=True)
+class Bundle:
+    root: Path
+    modules: dict[str, str]  # relative path → Rego text (tests included)
+    data: dict[str, Any]
+
+    def policy_modules(self) -> dict[str, str]:
+        """Modules that serve requests (Rego unit tests left out)."""
+        return {k: v for k, v in self.modules.items() if not k.endswith("_test.rego")}
+
+
+def _merge(into: dict[str, Any], path: tuple[str, ...], value: Any, where: str) -> None:
+    node = into
+    for part in path:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: conflicts with other data at {'.'.join(path)}")
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: a data file must hold an object")
+    for k, v in value.items():
+        if k in node and not (isinstance(node[k], dict) and isinstance(v, dict)):
+            raise ConfigError(f"{where}: key {k!r} is defined twice in the bundle's data")
+        if isinstance(v, dict) and isinstance(node.get(k), dict):
+            _merge(node, (k,), v, where)
+        else:
+            node[k] = v
+
+
+def load_bundle(root: Path) -> Bundle:
+    """Read every .rego and data file under `root` (hidden directories skipped)."""
+    if not root.is_dir():
+        raise ConfigError(f"policy bundle {root} is not a directory")
+    modules: dict[str, str] = {}
+    data: dict[str, Any] = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        if path.suffix == ".rego":
+            modules[str(rel)] = path.read_text(encoding="utf-8")
+        elif path.suffix in DATA_SUFFIXES:
+            if path.suffix == ".json":
+                try:
+                    value = json.loads(path.read_text(encoding="utf-8"))
+                except ValueError as exc:
+                    raise ConfigError(f"{rel}: not valid JSON: {exc}") from None
+            else:
+                value = load_yaml(path)
+            _merge(data, rel.parent.parts, value if value is not None else {}, str(rel))
+    if not any(not k.endswith("_test.rego") for k in modules):
+        raise ConfigError(f"policy bundle {root} has no .rego policy module")
+    return Bundle(root=root, modules=modules, data=data)

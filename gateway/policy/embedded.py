@@ -1,0 +1,68 @@
+"""The embedded engine: Rego evaluated in-process by regopy (Microsoft's rego-cpp).
+
+Compiled once (bundle + entrypoint), evaluated per request with the input passed as
+JSON text (`set_input_term`; `set_input(dict)` mis-escapes quotes and backslashes).
+Any error, an undefined result or a malformed decision raises PolicyError, which the
+gateway turns into a refusal. One interpreter is not thread-safe: it is used only from
+the event loop thread.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import regopy
+
+from gateway.policy import Decision, PolicyError
+from gateway.policy.bundle import Bundle
+
+
+def compile_interpreter(modules: dict[str, str], data: dict[str, Any]) -> regopy.Interpreter:
+    it = regopy.Interpreter()
+    for name, text in modules.items():
+        it.add_module(name, text)
+    if data:
+        it.add_data_json(json.dumps(data))
+    return it
+
+
+def first_value(output: Any) -> Any:
+    """The value of a regopy output, or raise PolicyError if it is undefined or failed.
+
+    Never touches `.binding()` on an undefined result: that aborts the process.
+    """
+    if not output.ok():
+        raise PolicyError(f"policy evaluation failed: {str(output)[:500]}")
+    results = output.results
+    if not results or not results[0].expressions:
+        raise PolicyError("the policy decision is undefined")
+    return results[0].expressions[0]
+
+
+class EmbeddedEngine:
+    name = "embedded"
+
+    def __init__(self, bundle: Bundle, entrypoint: str) -> None:
+        self.entrypoint = entrypoint
+        try:
+            self._it = compile_interpreter(bundle.policy_modules(), bundle.data)
+            self._compiled = self._it.build(None, [entrypoint])
+        except Exception as exc:  # regopy raises RegoError, and sometimes others
+            raise PolicyError(f"the policy bundle does not compile: {exc}") from None
+        if not self._compiled.ok():
+            raise PolicyError(f"the policy bundle does not compile: {self._compiled}")
+
+    def evaluate(self, policy_input: dict[str, Any]) -> Any:
+        """Raw decision value (for explain and tests); raises PolicyError."""
+        try:
+            self._it.set_input_term(json.dumps(policy_input, ensure_ascii=False))
+            output = self._it.query_bundle_entrypoint(self._compiled, self.entrypoint)
+            return first_value(output)
+        except PolicyError:
+            raise
+        except Exception as exc:
+            raise PolicyError(f"policy evaluation failed: {type(exc).__name__}: {exc}") from None
+
+    async def decide(self, policy_input: dict[str, Any]) -> Decision:
+        return Decision.from_output(self.evaluate(policy_input))

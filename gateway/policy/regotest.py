@@ -1,0 +1,137 @@
+"""Runs a bundle's Rego unit tests (`test_*` rules) with the embedded engine, like `opa test`.
+
+A test passes when its rule evaluates to `true`; false, undefined or an error fail it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.policy import PolicyError
+from gateway.policy.bundle import Bundle, load_bundle
+from gateway.policy.embedded import compile_interpreter, first_value
+
+_PACKAGE = re.compile(r"^package\s+([A-Za-z_][A-Za-z0-9_.]*)", re.MULTILINE)
+_TEST_RULE = re.compile(r"^(test_[A-Za-z0-9_]+)\b", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class TestResult:
+    module: str
+    rule: str  # data.<package>.<test name>
+    passed: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class TestReport:
+    results: tuple[TestResult, ...]
+    error: str | None = None  # the bundle did not load or compile
+
+    @property
+    def failed(self) -> tuple[TestResult, ...]:
+        return tuple(r for r in self.results if not r.passed)
+
+    @property
+    def exit_code(self) -> int:
+        """0 all passed, 1 the bundle is broken, 2 a test failed (as `opa test`)."""
+        if self.error:
+            return 1
+        return 2 if self.failed else 0
+
+
+def discover_tests(bundle: Bundle) -> list[tuple[str, str]]:
+    """(module, data.<pkg>.<rule>) for every test rule, each named once."""
+    found: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for name, text in bundle.modules.items():
+        pkg = _PACKAGE.search(text)
+        if pkg is None:
+            continue
+        for rule in _TEST_RULE.findall(text):
+            ref = f"data.{pkg.group(1)}.{rule}"
+            if ref not in seen:
+                seen.add(ref)
+                found.append((name, ref))
+    return found
+
+
+def run_tests(bundle: Bundle) -> TestReport:
+    try:
+        it = compile_interpreter(bundle.modules, bundle.data)
+    except Exception as exc:
+        return TestReport(results=(), error=f"the bundle does not compile: {exc}")
+    results = []
+    for module, ref in discover_tests(bundle):
+        try:
+            value = first_value(it.query(ref))
+            passed, detail = value is True, "" if value is True else f"evaluated to {value!r}"
+        except PolicyError as exc:
+            passed, detail = False, str(exc)
+        except Exception as exc:
+            passed, detail = False, f"{type(exc).__name__}: {exc}"
+        results.append(TestResult(module=module, rule=ref, passed=passed, detail=detail))
+    return TestReport(results=tuple(results))
+
+
+def run_tests_in(path: Path) -> TestReport:
+    try:
+        bundle = load_bundle(path)
+    except Exception as exc:
+        return TestReport(results=(), error=str(exc))
+    return run_tests(bundle)
+
+
+def run_tests_isolated(path: Path, timeout: float = 120.0) -> TestReport:
+    """Run the tests in a child process, so an engine crash is a report, not our death.
+
+    regopy 1.5.2 aborts the whole process on some test shapes (see docs/policy.md);
+    `check`, `policy test` and reloads must survive that and say what happened.
+    """
+    import json
+    import subprocess
+    import sys
+
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "gateway.policy.regotest", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return TestReport(results=(), error=f"the Rego tests did not finish within {timeout:.0f}s")
+    last = proc.stdout.strip().splitlines()[-1:] if proc.stdout.strip() else []
+    if proc.returncode != 0 or not last:
+        how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
+        return TestReport(
+            results=(),
+            error=f"the Rego engine crashed while running the tests ({how}); "
+            "a known regopy trap is `with input as X` replacing the whole input: override input.<key> instead",
+        )
+    data = json.loads(last[0])
+    return TestReport(results=tuple(TestResult(**r) for r in data["results"]), error=data["error"])
+
+
+def _child_main(argv: list[str]) -> int:
+    import dataclasses
+    import json
+    import os
+    import sys
+
+    # regopy prints compile errors on stdout: keep our one JSON line apart from them
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    report = run_tests_in(Path(argv[0]))
+    out.write(json.dumps({"results": [dataclasses.asdict(r) for r in report.results], "error": report.error}) + "\n")
+    out.flush()
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(_child_main(sys.argv[1:]))

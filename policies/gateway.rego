@@ -1,0 +1,100 @@
+# The gateway's default policy: one decision for every MCP request.
+#
+# Input and output are documented in docs/policy.md. The token has already been
+# verified (signature, issuer, expiry) before this runs; this policy applies the
+# profile's audience rules and turns the profile's mode into an action.
+package mcp.gateway
+
+default decision := {"action": "reject", "reason": "no_rule_matched", "status": 403}
+
+# Ordered: the first matching branch is the decision.
+decision := reject(problem, 401) if {
+	problem := audience_problem
+} else := reject("unknown_message_kind", 400) if {
+	not known_request
+} else := allow
+
+allow := {"action": "accept", "reason": "allowed"} if {
+	input.profile.mode == "passthrough"
+}
+
+allow := {
+	"action": "exchange",
+	"reason": "allowed",
+	"audience": object.get(input.profile, ["exchange", "audience"], []),
+	"scopes": object.get(input.profile, ["exchange", "scope"], []),
+} if {
+	input.profile.mode == "exchange"
+}
+
+reject(reason, status) := {"action": "reject", "reason": reason, "status": status}
+
+# POSTed JSON-RPC messages, and the GET stream / DELETE session requests.
+# (Written with `some ... ==` rather than `x in {...}`: regopy 1.5.2 crashes on membership
+# tests of input values when a Rego unit test replaces input with `with input as`.)
+known_request if {
+	some kind in ["request", "notification", "response"]
+	input.mcp.kind == kind
+}
+
+known_request if {
+	input.mcp.kind == null
+	some method in ["GET", "DELETE"]
+	input.request.method == method
+}
+
+# --- Audience rules (profile data: input.profile.audience) -------------------
+
+rules := input.profile.audience
+
+# The token's audiences; a token without `aud` may borrow a claim (missing: claim:NAME).
+audiences := input.token.audiences if count(input.token.audiences) > 0
+
+audiences := [value] if {
+	count(input.token.audiences) == 0
+	startswith(rules.missing, "claim:")
+	value := input.token.claims[substring(rules.missing, 6, -1)]
+	is_string(value)
+}
+
+default audiences := []
+
+matches(pattern, _) if pattern == "*"
+
+matches(pattern, value) if pattern == value
+
+refused_audience if {
+	some aud in audiences
+	some pattern in rules.reject
+	matches(pattern, aud)
+}
+
+accepted(aud) if {
+	some pattern in rules.accept
+	matches(pattern, aud)
+}
+
+audiences_accepted if count(rules.accept) == 0
+
+audiences_accepted if {
+	rules.match == "any"
+	some aud in audiences
+	accepted(aud)
+}
+
+audiences_accepted if {
+	rules.match == "all"
+	every aud in audiences {
+		accepted(aud)
+	}
+}
+
+audience_problem := "audience_missing" if {
+	count(audiences) == 0
+	rules.missing != "accept"
+} else := "audience_forbidden" if {
+	refused_audience
+} else := "audience_not_accepted" if {
+	count(audiences) > 0
+	not audiences_accepted
+}
