@@ -151,7 +151,9 @@ class JwksCache:
         """Fetch the keys unless a fetch happened too recently. True if keys changed."""
         async with self._lock:
             now = self._clock()
-            if not force and now - self._attempted_at < self._refetch_interval:
+            # until the first keys arrive, retry sooner: nothing can be verified meanwhile
+            interval = self._refetch_interval if self._keys is not None else min(1.0, self._refetch_interval)
+            if not force and now - self._attempted_at < interval:
                 return False
             self._attempted_at = now
             try:

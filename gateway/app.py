@@ -1,0 +1,264 @@
+"""The Litestar app: wiring, lifespan, routes, and the one handler every MCP request takes.
+
+`handle_mcp` reads top to bottom as the request path: origin → token → parse → decide →
+apply (refuse, or forward with the allowed token) → relay. Each step is a call into its
+own module; expensive parts (compiled policy, HTTP clients, JWKS) are built once here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from litestar import Litestar, Request, Response, get, route
+from litestar.response import Stream
+
+from gateway import jsonrpc
+from gateway.config import Settings
+from gateway.engines import build_engine
+from gateway.messages import McpInputError, McpRequest, parse_post, parse_stream_request
+from gateway.metadata import WELL_KNOWN, challenge, metadata_document, metadata_path, metadata_url
+from gateway.policy import Action, PolicyEngine, PolicyError, build_input
+from gateway.profiles import Profile, load_profile
+from gateway.tokens import JwksCache, JwtVerifier, TokenError, TokenVerifier, VerifiedTokenCache, bearer_token
+from gateway.upstream import UpstreamClient, UpstreamError, forwarded_headers
+
+log = logging.getLogger("gateway")
+audit = logging.getLogger("gateway.audit")
+
+
+@dataclass
+class Gateway:
+    """Everything one running gateway needs, built once at start-up."""
+
+    settings: Settings
+    profile: Profile
+    engine: PolicyEngine
+    verifier: TokenVerifier
+    jwks: JwksCache
+    idp_http: httpx.AsyncClient
+    upstream: UpstreamClient
+    metadata_url: str
+
+    @classmethod
+    def build(cls, settings: Settings) -> Gateway:
+        cfg = settings.config
+        profile = load_profile(cfg.profile, settings.base_dir, resource=cfg.resource, public_url=cfg.public_url)
+        engine = build_engine(settings)
+        idp_http = httpx.AsyncClient(timeout=httpx.Timeout(5.0), follow_redirects=False, trust_env=False)
+        jwks = JwksCache(
+            profile, idp_http, refetch_interval=cfg.caches.jwks_refetch_interval, max_age=cfg.caches.jwks_max_age
+        )
+        verifier = JwtVerifier(profile, jwks, VerifiedTokenCache(cfg.caches.verified_tokens))
+        return cls(
+            settings=settings,
+            profile=profile,
+            engine=engine,
+            verifier=verifier,
+            jwks=jwks,
+            idp_http=idp_http,
+            upstream=UpstreamClient(cfg.upstream),
+            metadata_url=metadata_url(cfg.public_url, cfg.mcp_path),
+        )
+
+    async def aclose(self) -> None:
+        await self.upstream.aclose()
+        await self.idp_http.aclose()
+
+
+def refusal(
+    status: int,
+    reason: str,
+    message: str,
+    *,
+    request_id: Any = None,
+    code: int | None = None,
+    www_authenticate: str | None = None,
+) -> Response[bytes]:
+    headers = {"WWW-Authenticate": www_authenticate} if www_authenticate else None
+    body = jsonrpc.error_body(code or jsonrpc.code_for_status(status), message, reason=reason, request_id=request_id)
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def _headers(request: Request[Any, Any, Any]) -> dict[str, str]:
+    """Lower-case header names, first value; a repeated Authorization header is refused."""
+    out: dict[str, str] = {}
+    for name, value in request.scope["headers"]:
+        key = name.decode("latin-1").lower()
+        if key == "authorization" and key in out:
+            raise TokenError("malformed_authorization", "more than one Authorization header")
+        out.setdefault(key, value.decode("latin-1"))
+    return out
+
+
+async def _read_body(request: Request[Any, Any, Any], headers: dict[str, str], limit: int) -> bytes:
+    too_large = McpInputError(413, jsonrpc.INVALID_REQUEST, f"the request body is larger than {limit} bytes", "body_too_large")
+    declared = headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def handle_mcp(request: Request[Any, Any, Any]) -> Response[Any]:
+    """verify → parse → decide → apply, for POST, GET and DELETE on the MCP endpoint."""
+    gw: Gateway = request.app.state.gateway
+    cfg = gw.settings.config
+
+    # 0. Browsers' requests must come from an allowed Origin (DNS rebinding).
+    try:
+        headers = _headers(request)
+    except TokenError as exc:
+        return _token_refusal(gw, exc)
+    origin = headers.get("origin")
+    if origin is not None and origin not in cfg.allowed_origins:
+        return refusal(403, "origin_not_allowed", "requests from this Origin are not allowed")
+
+    # 1. Verify the bearer token: the policy only ever sees verified claims.
+    try:
+        raw_token = bearer_token(headers.get("authorization"))
+        if raw_token is None:
+            return refusal(
+                401, "missing_token", "a bearer token is required", www_authenticate=challenge(gw.metadata_url)
+            )
+        token = await gw.verifier.verify(raw_token)
+    except TokenError as exc:
+        return _token_refusal(gw, exc)
+
+    # 2. Parse the MCP message (once; the raw body is what gets forwarded).
+    try:
+        if request.method == "POST":
+            body = await _read_body(request, headers, cfg.limits.max_body_bytes)
+            mcp = parse_post(body, headers, max_depth=cfg.limits.max_json_depth)
+        else:
+            mcp = parse_stream_request(request.method, headers)
+    except McpInputError as exc:
+        return refusal(exc.status, exc.reason, exc.message, request_id=exc.request_id, code=exc.code)
+
+    # 3. Ask the policy.
+    policy_input = build_input(
+        token=token,
+        profile=gw.profile,
+        mcp=mcp,
+        http_method=request.method,
+        path=request.url.path,
+        headers=headers,
+        remote_addr=request.client.host if request.client else None,
+        resource=cfg.resource,
+    )
+    try:
+        decision = await gw.engine.decide(policy_input)
+    except PolicyError as exc:
+        log.error("policy error, request refused: %s", exc)
+        return refusal(503, "policy_error", "the authorization policy could not decide", request_id=mcp.id)
+    audit.info(
+        "decision action=%s reason=%s sub=%s method=%s name=%s",
+        decision.action.value, decision.reason, token.subject, mcp.method or request.method, mcp.name,
+    )
+
+    # 4. Apply the decision.
+    if decision.action is Action.REJECT:
+        return _policy_refusal(gw, decision.status or 403, decision.reason, decision.scopes, mcp)
+    if decision.action is Action.EXCHANGE:
+        return refusal(
+            503,
+            "exchange_unavailable",
+            "the policy asks for a token exchange, which this gateway build cannot perform",
+            request_id=mcp.id,
+        )
+    return await _forward(gw, mcp, headers, raw_token)
+
+
+def _token_refusal(gw: Gateway, exc: TokenError) -> Response[bytes]:
+    if exc.status == 401:
+        www = challenge(gw.metadata_url, error="invalid_token", description=exc.description)
+        return refusal(401, exc.reason, exc.description, www_authenticate=www)
+    return refusal(exc.status, exc.reason, exc.description)
+
+
+def _policy_refusal(gw: Gateway, status: int, reason: str, scopes: tuple[str, ...], mcp: McpRequest) -> Response[bytes]:
+    www = None
+    if status == 401:
+        www = challenge(gw.metadata_url, error="invalid_token", description=reason)
+    elif status == 403 and scopes:
+        www = challenge(gw.metadata_url, error="insufficient_scope", scope=scopes)
+    message = "the token is not accepted for this resource" if status == 401 else "the request is not allowed"
+    return refusal(status, reason, message, request_id=mcp.id, www_authenticate=www)
+
+
+async def _forward(gw: Gateway, mcp: McpRequest, headers: dict[str, str], bearer: str) -> Response[Any]:
+    cfg = gw.settings.config
+    try:
+        answer = await gw.upstream.send(
+            method=mcp.http_method,
+            headers=forwarded_headers(headers, cfg.upstream.forward_headers, bearer),
+            body=mcp.body,
+        )
+    except UpstreamError as exc:
+        return refusal(exc.status, exc.reason, exc.message, request_id=mcp.id)
+    if answer.stream is not None:
+        return Stream(answer.stream, status_code=answer.status, headers=dict(answer.headers), media_type=answer.media_type)
+    return Response(answer.body, status_code=answer.status, headers=dict(answer.headers), media_type=answer.media_type)
+
+
+def create_app(settings: Settings) -> Litestar:
+    """The ASGI app for one config. Raises ConfigError/PolicyError before serving anything."""
+    gateway = Gateway.build(settings)
+    cfg = settings.config
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        if not await gateway.jwks.refresh(force=True):
+            log.warning("the issuer's keys could not be loaded at start-up; /readyz stays 503 until they are")
+        try:
+            yield
+        finally:
+            await gateway.aclose()
+
+    @get("/healthz", sync_to_thread=False)
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @get("/readyz")
+    async def readyz() -> Response[dict[str, Any]]:
+        if not gateway.jwks.loaded:
+            await gateway.jwks.refresh()
+        checks = {"jwks": gateway.jwks.loaded, "policy": True}
+        ready = all(checks.values())
+        return Response({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+    document = metadata_document(resource=cfg.resource, issuer=gateway.profile.issuer, scopes=gateway.profile.scopes_supported)
+
+    @get([metadata_path(cfg.mcp_path), WELL_KNOWN], sync_to_thread=False)
+    def protected_resource_metadata() -> Response[dict[str, Any]]:
+        return Response(document, headers={"Access-Control-Allow-Origin": "*", "Cache-Control": "max-age=300"})
+
+    mcp_route = route(cfg.mcp_path, http_method=["POST", "GET", "DELETE"], request_max_body_size=None)(handle_mcp)
+
+    app = Litestar(
+        route_handlers=[healthz, readyz, protected_resource_metadata, mcp_route],
+        lifespan=[lifespan],
+        openapi_config=None,
+        exception_handlers={Exception: _internal_error},
+        debug=False,
+    )
+    app.state.gateway = gateway
+    return app
+
+
+def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    from litestar.exceptions import HTTPException
+
+    if isinstance(exc, HTTPException):
+        return refusal(exc.status_code, "http_error", str(exc.detail))
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return refusal(500, "internal_error", "the gateway failed unexpectedly; nothing was forwarded", code=-32603)

@@ -1,0 +1,136 @@
+"""`mcp-authz-gateway`: serve, check, dev, policy test.
+
+Every command that reads configuration stops with `file: key: message` lines and a
+non-zero exit code when something is wrong, before anything listens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from gateway.config import ConfigError, load_config, resolve_config_path
+from gateway.policy import PolicyError
+from gateway.policy.regotest import TestReport, run_tests_isolated
+
+EXIT_CONFIG = 2
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+
+    try:
+        settings = load_config(resolve_config_path(args.config))
+        _setup_logging(settings.config.log_level)
+        app = create_app(settings)
+    except (ConfigError, PolicyError) as exc:
+        return _fail(str(exc))
+    cfg = settings.config
+    uvicorn.run(
+        app,
+        host=args.host or cfg.listen.host,
+        port=args.port if args.port is not None else cfg.listen.port,
+        log_level=cfg.log_level,
+        server_header=False,
+        proxy_headers=False,
+        lifespan="on",
+    )
+    return 0
+
+
+def print_report(report: TestReport, *, verbose: bool = False) -> None:
+    if report.error:
+        print(f"ERROR: {report.error}")
+        return
+    for r in report.results:
+        if not r.passed:
+            print(f"FAIL: {r.rule} ({r.module}){': ' + r.detail if r.detail else ''}")
+        elif verbose:
+            print(f"PASS: {r.rule}")
+    passed = len(report.results) - len(report.failed)
+    print(f"{'PASS' if not report.failed else 'FAIL'}: {passed}/{len(report.results)}")
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from gateway.engines import build_engine
+    from gateway.profiles import load_profile
+
+    try:
+        settings = load_config(resolve_config_path(args.config))
+        cfg = settings.config
+        profile = load_profile(cfg.profile, settings.base_dir, resource=cfg.resource, public_url=cfg.public_url)
+        build_engine(settings)
+    except (ConfigError, PolicyError) as exc:
+        return _fail(str(exc))
+    print(f"config ok: {settings.path}")
+    print(f"profile ok: {profile.name} (issuer {profile.issuer}, mode {profile.mode.value})")
+    print(f"policy ok: {settings.bundle_dir} compiles, entrypoint {cfg.policy.entrypoint}")
+    report = run_tests_isolated(settings.bundle_dir)
+    print_report(report)
+    return report.exit_code
+
+
+def cmd_policy_test(args: argparse.Namespace) -> int:
+    from gateway.bundled import bundled_dir
+
+    path = Path(args.path) if args.path else bundled_dir("policies")
+    report = run_tests_isolated(path)
+    print_report(report, verbose=args.verbose)
+    return report.exit_code
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from gateway.dev import run_dev
+
+    _setup_logging("warning")
+    return run_dev(host=args.host, port=args.port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mcp-authz-gateway", description="Policy-driven authorization gateway for MCP servers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", help="gateway.yaml (default: $GATEWAY_CONFIG)")
+    serve.add_argument("--host", help="override listen.host")
+    serve.add_argument("--port", type=int, help="override listen.port")
+    serve.set_defaults(func=cmd_serve)
+
+    check = sub.add_parser("check", help="validate config and profile, compile the policy, run its Rego tests")
+    check.add_argument("--config", help="gateway.yaml (default: $GATEWAY_CONFIG)")
+    check.set_defaults(func=cmd_check)
+
+    dev = sub.add_parser("dev", help="demo: a notes MCP server, a dev issuer and the gateway, one command")
+    dev.add_argument("--host", default="127.0.0.1")
+    dev.add_argument("--port", type=int, default=8080, help="the gateway's port")
+    dev.set_defaults(func=cmd_dev)
+
+    policy = sub.add_parser("policy", help="policy tools")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True)
+    ptest = policy_sub.add_parser("test", help="run a bundle's Rego test_* rules with the embedded engine")
+    ptest.add_argument("path", nargs="?", help="bundle directory (default: the shipped policies)")
+    ptest.add_argument("-v", "--verbose", action="store_true", help="also list passing tests")
+    ptest.set_defaults(func=cmd_policy_test)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
