@@ -1,0 +1,228 @@
+"""Shared fixtures: real servers on free loopback ports.
+
+- `issuer`: the dev issuer (JWKS, discovery, token endpoint) under uvicorn in a thread;
+  tests mint tokens with its real private key.
+- `upstream`: the tests' upstream MCP server (the SDK's MCPServer) as a separate process,
+  recording every request it receives.
+- `gateways`: starts `mcp-authz-gateway serve` processes for a profile/config, cached per shape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+import yaml
+
+from gateway.dev_issuer import DevIssuer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen[Any] | None = None, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            httpx.get(url, timeout=1.0)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+class ThreadServer:
+    """A uvicorn server in a background thread (a real socket, a real HTTP stack)."""
+
+    def __init__(self, app: Any, port: int) -> None:
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+        deadline = time.monotonic() + 15
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("thread server did not start")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def issuer() -> Any:
+    port = free_port()
+    dev = DevIssuer(f"http://127.0.0.1:{port}")
+    server = ThreadServer(dev.app(), port)
+    server.start()
+    yield dev
+    server.stop()
+
+
+@dataclass
+class UpstreamProcess:
+    url: str
+    record_dir: Path
+    proc: subprocess.Popen[Any]
+
+    def requests(self) -> list[dict[str, Any]]:
+        path = self.record_dir / "requests.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def clear(self) -> None:
+        (self.record_dir / "requests.jsonl").unlink(missing_ok=True)
+
+    def authorizations(self) -> list[str | None]:
+        return [dict(r["headers"]).get("authorization") for r in self.requests()]
+
+
+def _start_upstream(tmp: Path, *extra: str) -> UpstreamProcess:
+    port = free_port()
+    tmp.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.support.upstream_server", "--port", str(port), "--record", str(tmp), *extra],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp / "upstream.log", "w"),
+    )
+    url = f"http://127.0.0.1:{port}/mcp"
+    wait_http(f"http://127.0.0.1:{port}/", proc)
+    return UpstreamProcess(url=url, record_dir=tmp, proc=proc)
+
+
+@pytest.fixture(scope="session")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    up = _start_upstream(tmp_path_factory.mktemp("upstream"))
+    yield up
+    up.proc.terminate()
+    up.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def json_upstream(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A stateless upstream answering JSON (the shape curl users and 2026-07-28 clients meet)."""
+    up = _start_upstream(tmp_path_factory.mktemp("json-upstream"), "--json-response", "--stateless")
+    yield up
+    up.proc.terminate()
+    up.proc.wait(10)
+
+
+@dataclass
+class GatewayProcess:
+    port: int
+    proc: subprocess.Popen[Any]
+    log_path: Path
+    config_path: Path
+    base: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.base = f"http://127.0.0.1:{self.port}"
+
+    @property
+    def mcp_url(self) -> str:
+        return self.base + "/mcp"
+
+    @property
+    def resource(self) -> str:
+        return self.mcp_url
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def make_profile(issuer: DevIssuer, **overrides: Any) -> dict[str, Any]:
+    profile: dict[str, Any] = {
+        "name": "test",
+        "issuer": issuer.issuer,
+        "token_kinds": ["jwt"],
+        "jwt": {"algorithms": ["RS256"], "leeway": 5},
+        "audience": {"accept": ["{resource}"], "reject": [], "match": "any", "missing": "reject"},
+        "mode": "passthrough",
+        "scopes_supported": ["notes.read", "notes.write"],
+    }
+    profile.update(overrides)
+    return profile
+
+
+class GatewayFactory:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.running: dict[str, GatewayProcess] = {}
+
+    def start(self, *, profile: dict[str, Any], upstream_url: str, config: dict[str, Any] | None = None) -> GatewayProcess:
+        key = json.dumps([profile, upstream_url, config], sort_keys=True)
+        if key in self.running and self.running[key].proc.poll() is None:
+            return self.running[key]
+        port = free_port()
+        d = self.tmp / f"gw-{len(self.running)}"
+        d.mkdir()
+        (d / "profile.yaml").write_text(yaml.safe_dump(profile))
+        cfg: dict[str, Any] = {
+            "public_url": f"http://127.0.0.1:{port}",
+            "listen": {"host": "127.0.0.1", "port": port},
+            "upstream": {"url": upstream_url, "timeout": 10},
+            "profile": "./profile.yaml",
+            "policy": {"engine": "embedded", "bundle": str(ROOT / "policies")},
+            "log_level": "info",
+        }
+        cfg.update(config or {})
+        (d / "gateway.yaml").write_text(yaml.safe_dump(cfg))
+        log_path = d / "gateway.log"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "serve", "--config", str(d / "gateway.yaml")],
+            cwd=ROOT,
+            stdout=open(log_path, "w"),
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        gw = GatewayProcess(port=port, proc=proc, log_path=log_path, config_path=d / "gateway.yaml")
+        try:
+            wait_http(gw.base + "/healthz", proc)
+        except Exception:
+            raise RuntimeError(f"gateway did not start:\n{gw.log()}") from None
+        self.running[key] = gw
+        return gw
+
+    def stop_all(self) -> None:
+        for gw in self.running.values():
+            gw.proc.terminate()
+        for gw in self.running.values():
+            try:
+                gw.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                gw.proc.kill()
+
+
+@pytest.fixture(scope="session")
+def gateways(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    factory = GatewayFactory(tmp_path_factory.mktemp("gateways"))
+    yield factory
+    factory.stop_all()
+
+
+@pytest.fixture(scope="session")
+def gateway(gateways: GatewayFactory, issuer: DevIssuer, upstream: UpstreamProcess) -> GatewayProcess:
+    """The default gateway: pass-through, audience = its own resource URL, SSE upstream."""
+    return gateways.start(profile=make_profile(issuer), upstream_url=upstream.url)
