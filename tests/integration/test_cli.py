@@ -1,0 +1,103 @@
+"""The console script as a user runs it: check, policy test, serve errors, dev."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import ROOT, free_port, wait_http
+
+SHIPPED_ENV = {
+    "KEYCLOAK_ISSUER": "http://localhost:8888/realms/nextcloud-mcp",
+    "MCP_CLIENT_ID": "nextcloud-mcp-server",
+    "MCP_CLIENT_SECRET": "s3cret",
+    "NEXTCLOUD_URL": "http://localhost:8080",
+}
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_check_passes_on_shipped_configs() -> None:
+    for config in ("examples/gateway.yaml", "examples/nextcloud-gateway.yaml"):
+        result = cli("check", "--config", config, env=SHIPPED_ENV)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert re.search(r"PASS: (\d+)/\1", result.stdout)
+
+
+def test_check_reports_file_and_key(tmp_path: Path) -> None:
+    bad = tmp_path / "gateway.yaml"
+    bad.write_text("public_url: http://127.0.0.1:8080\nupstream: {url: http://x/mcp, timout: 3}\nprofile: dev\n")
+    result = cli("check", "--config", str(bad))
+    assert result.returncode == 2
+    assert "gateway.yaml: upstream.timout: unknown key" in result.stderr
+
+
+def test_config_from_environment_variable(tmp_path: Path) -> None:
+    result = cli("check", env={"GATEWAY_CONFIG": str(ROOT / "examples/nextcloud-gateway.yaml"), **SHIPPED_ENV})
+    assert result.returncode == 0, result.stderr
+    assert cli("check").returncode == 2  # neither --config nor GATEWAY_CONFIG
+
+
+def test_policy_test_command(tmp_path: Path) -> None:
+    ok = cli("policy", "test", "policies", "-v")
+    assert ok.returncode == 0 and "PASS: data.mcp.gateway_test." in ok.stdout
+    (tmp_path / "p.rego").write_text('package x\n\ndefault allow := false\n')
+    (tmp_path / "p_test.rego").write_text("package x_test\n\ntest_allows if data.x.allow\n")
+    failed = cli("policy", "test", str(tmp_path))
+    assert failed.returncode == 2
+    assert "FAIL: data.x_test.test_allows" in failed.stdout and "FAIL: 0/1" in failed.stdout
+
+
+def test_serve_refuses_a_broken_policy(tmp_path: Path) -> None:
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "p.rego").write_text("package mcp.gateway\n\ndecision := {\n")
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text("public_url: http://127.0.0.1:1\nupstream: {url: http://127.0.0.1:1/mcp}\nprofile: dev\npolicy: {bundle: policies}\n")
+    result = cli("serve", "--config", str(cfg))
+    assert result.returncode == 2
+    assert "does not compile" in result.stderr
+
+
+def test_dev_command_serves_a_working_demo() -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "dev", "--port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        token = None
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "export TOKEN=" in line:
+                token = line.split("TOKEN=", 1)[1].strip()
+                break
+        assert token, "dev printed no token"
+        url = f"http://127.0.0.1:{port}/mcp"
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+        headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+        body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+        listed = httpx.post(url, json=body, headers={**headers, "Authorization": f"Bearer {token}"})
+        assert listed.status_code == 200
+        assert "create_note" in {t["name"] for t in listed.json()["result"]["tools"]}
+        refused = httpx.post(url, json=body, headers=headers)
+        assert refused.status_code == 401 and "resource_metadata" in refused.headers["www-authenticate"]
+    finally:
+        proc.terminate()
+        proc.wait(10)
