@@ -65,6 +65,7 @@ async def test_sdk_client_lists_and_calls_through_gateway(gateway, issuer, upstr
         # the 2025-11-25 session: Mcp-Session-Id went out and came back, and DELETE ended it
         assert any("mcp-session-id" in dict(r["headers"]) for r in seen)
         assert any(r["method"] == "DELETE" for r in seen)
+        assert any(r["method"] == "GET" for r in seen), "the server-to-client SSE stream was not opened"
     else:
         assert any(dict(r["headers"]).get("mcp-method") == "tools/call" for r in seen)
 
