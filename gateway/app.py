@@ -24,7 +24,18 @@ from gateway.messages import McpInputError, McpRequest, parse_post, parse_stream
 from gateway.metadata import WELL_KNOWN, challenge, metadata_document, metadata_path, metadata_url
 from gateway.policy import Action, PolicyEngine, PolicyError, build_input
 from gateway.profiles import Profile, load_profile
-from gateway.tokens import JwksCache, JwtVerifier, TokenError, TokenVerifier, VerifiedTokenCache, bearer_token
+from gateway.exchange import ExchangeError, TokenExchanger
+from gateway.idp import IssuerMetadata
+from gateway.introspection import IntrospectionVerifier
+from gateway.tokens import (
+    JwksCache,
+    JwtVerifier,
+    ProfileVerifier,
+    TokenError,
+    TokenVerifier,
+    VerifiedTokenCache,
+    bearer_token,
+)
 from gateway.upstream import UpstreamClient, UpstreamError, forwarded_headers
 
 log = logging.getLogger("gateway")
@@ -39,7 +50,8 @@ class Gateway:
     profile: Profile
     engine: PolicyEngine
     verifier: TokenVerifier
-    jwks: JwksCache
+    jwks: JwksCache | None
+    exchanger: TokenExchanger | None
     idp_http: httpx.AsyncClient
     upstream: UpstreamClient
     metadata_url: str
@@ -50,20 +62,33 @@ class Gateway:
         profile = load_profile(cfg.profile, settings.base_dir, resource=cfg.resource, public_url=cfg.public_url)
         engine = build_engine(settings)
         idp_http = httpx.AsyncClient(timeout=httpx.Timeout(5.0), follow_redirects=False, trust_env=False)
-        jwks = JwksCache(
-            profile, idp_http, refetch_interval=cfg.caches.jwks_refetch_interval, max_age=cfg.caches.jwks_max_age
-        )
-        verifier = JwtVerifier(profile, jwks, VerifiedTokenCache(cfg.caches.verified_tokens))
+        issuer = IssuerMetadata(profile, idp_http)
+        verified = VerifiedTokenCache(cfg.caches.verified_tokens)
+        jwks = jwt_verifier = opaque_verifier = exchanger = None
+        if "jwt" in profile.token_kinds:
+            jwks = JwksCache(
+                profile, idp_http, issuer, refetch_interval=cfg.caches.jwks_refetch_interval, max_age=cfg.caches.jwks_max_age
+            )
+            jwt_verifier = JwtVerifier(profile, jwks, verified)
+        if "opaque" in profile.token_kinds:
+            opaque_verifier = IntrospectionVerifier(profile, issuer, idp_http, verified)
+        if profile.exchange is not None:
+            exchanger = TokenExchanger(profile.exchange, issuer, idp_http, max_entries=cfg.caches.exchanged_tokens)
         return cls(
             settings=settings,
             profile=profile,
             engine=engine,
-            verifier=verifier,
+            verifier=ProfileVerifier(profile, jwt_verifier, opaque_verifier),
             jwks=jwks,
+            exchanger=exchanger,
             idp_http=idp_http,
             upstream=UpstreamClient(cfg.upstream),
             metadata_url=metadata_url(cfg.public_url, cfg.mcp_path),
         )
+
+    @property
+    def keys_ready(self) -> bool:
+        return self.jwks is None or self.jwks.loaded
 
     async def aclose(self) -> None:
         await self.upstream.aclose()
@@ -161,21 +186,28 @@ async def handle_mcp(request: Request[Any, Any, Any]) -> Response[Any]:
         log.error("policy error, request refused: %s", exc)
         return refusal(503, "policy_error", "the authorization policy could not decide", request_id=mcp.id)
     audit.info(
-        "decision action=%s reason=%s sub=%s method=%s name=%s",
-        decision.action.value, decision.reason, token.subject, mcp.method or request.method, mcp.name,
+        "decision action=%s reason=%s sub=%s kind=%s method=%s name=%s",
+        decision.action.value, decision.reason, token.subject, token.kind, mcp.method or request.method, mcp.name,
     )
 
     # 4. Apply the decision.
     if decision.action is Action.REJECT:
         return _policy_refusal(gw, decision.status or 403, decision.reason, decision.scopes, mcp)
+    bearer = raw_token
     if decision.action is Action.EXCHANGE:
-        return refusal(
-            503,
-            "exchange_unavailable",
-            "the policy asks for a token exchange, which this gateway build cannot perform",
-            request_id=mcp.id,
-        )
-    return await _forward(gw, mcp, headers, raw_token)
+        if gw.exchanger is None or gw.profile.exchange is None:
+            return refusal(503, "exchange_not_configured", "the policy asks for a token exchange, but the profile has no exchange section", request_id=mcp.id)
+        try:
+            exchanged = await gw.exchanger.exchange(
+                token,
+                raw_token,
+                audience=decision.audience or gw.profile.exchange.audience,
+                scopes=decision.scopes or gw.profile.exchange.scope,
+            )
+        except ExchangeError as exc:
+            return refusal(exc.status, exc.reason, exc.message, request_id=mcp.id)
+        bearer = exchanged.access_token  # the client's token goes no further
+    return await _forward(gw, mcp, headers, bearer)
 
 
 def _token_refusal(gw: Gateway, exc: TokenError) -> Response[bytes]:
@@ -217,7 +249,7 @@ def create_app(settings: Settings) -> Litestar:
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        if not await gateway.jwks.refresh(force=True):
+        if gateway.jwks is not None and not await gateway.jwks.refresh(force=True):
             log.warning("the issuer's keys could not be loaded at start-up; /readyz stays 503 until they are")
         try:
             yield
@@ -230,9 +262,9 @@ def create_app(settings: Settings) -> Litestar:
 
     @get("/readyz")
     async def readyz() -> Response[dict[str, Any]]:
-        if not gateway.jwks.loaded:
+        if gateway.jwks is not None and not gateway.jwks.loaded:
             await gateway.jwks.refresh()
-        checks = {"jwks": gateway.jwks.loaded, "policy": True}
+        checks = {"jwks": gateway.keys_ready, "policy": True}
         ready = all(checks.values())
         return Response({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 

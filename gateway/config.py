@@ -63,6 +63,7 @@ class Limits(Strict):
 
 class Caches(Strict):
     verified_tokens: int = pydantic.Field(10_000, ge=0)
+    exchanged_tokens: int = pydantic.Field(10_000, ge=0)
     #: a token whose `kid` is unknown triggers at most one JWKS refetch per this many seconds
     jwks_refetch_interval: float = pydantic.Field(10.0, ge=0)
     jwks_max_age: float = pydantic.Field(3600.0, gt=0)

@@ -26,6 +26,7 @@ from joserfc import errors as jose_errors
 from joserfc import jwt
 from joserfc.jwk import KeySet
 
+from gateway.idp import IssuerMetadata
 from gateway.jsonstrict import StrictDecoder
 from gateway.profiles import Profile
 
@@ -114,6 +115,7 @@ class JwksCache:
         self,
         profile: Profile,
         http: httpx.AsyncClient,
+        metadata: IssuerMetadata | None = None,
         *,
         refetch_interval: float = 10.0,
         max_age: float = 3600.0,
@@ -129,23 +131,12 @@ class JwksCache:
         self._fetched_at = float("-inf")
         self._attempted_at = float("-inf")
         self._lock = asyncio.Lock()
+        self._metadata = metadata or IssuerMetadata(profile, http)
         self.jwks_uri: str | None = profile.jwks_uri
 
     @property
     def loaded(self) -> bool:
         return self._keys is not None
-
-    async def _discover(self) -> str:
-        if self.jwks_uri:
-            return self.jwks_uri
-        resp = await self._http.get(self._profile.discovery_document_url)
-        resp.raise_for_status()
-        doc = resp.json()
-        uri = doc.get("jwks_uri") if isinstance(doc, dict) else None
-        if not isinstance(uri, str) or not uri.startswith(("http://", "https://")):
-            raise ValueError("discovery document has no usable jwks_uri")
-        self.jwks_uri = uri
-        return uri
 
     async def refresh(self, *, force: bool = False) -> bool:
         """Fetch the keys unless a fetch happened too recently. True if keys changed."""
@@ -157,7 +148,7 @@ class JwksCache:
                 return False
             self._attempted_at = now
             try:
-                uri = await self._discover()
+                uri = await self._metadata.endpoint("jwks_uri", self.jwks_uri)
                 resp = await self._http.get(uri)
                 resp.raise_for_status()
                 keys = KeySet.import_key_set(resp.json())
@@ -342,3 +333,30 @@ class JwtVerifier:
             expires_at=float(exp),
             header={k: header[k] for k in ("alg", "kid", "typ") if k in header},
         )
+
+
+class ProfileVerifier:
+    """Routes a token by shape to the verifiers the profile allows.
+
+    A three-part token is a JWT; anything else is opaque (introspected if the profile
+    accepts opaque tokens). A JWT that fails verification is tried as opaque only when
+    the profile says `opaque_fallback: true`.
+    """
+
+    def __init__(self, profile: Profile, jwt_verifier: TokenVerifier | None, opaque_verifier: TokenVerifier | None) -> None:
+        self._fallback = profile.opaque_fallback
+        self._jwt = jwt_verifier
+        self._opaque = opaque_verifier
+
+    async def verify(self, raw: str) -> VerifiedToken:
+        if self._jwt is not None and raw.count(".") == 2:
+            try:
+                return await self._jwt.verify(raw)
+            except TokenError as exc:
+                if not (self._fallback and self._opaque is not None and exc.status == 401):
+                    raise
+        if self._opaque is not None:
+            return await self._opaque.verify(raw)
+        if self._jwt is not None:
+            return await self._jwt.verify(raw)  # explains why the token is not a JWT
+        raise TokenError("unsupported_token_kind", "this profile accepts no token kind")

@@ -9,4 +9,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[test]'
+# the tests' OpenID provider (oidc-provider on Node), pinned by tests/idp/package-lock.json
+(cd tests/idp && npm ci --no-audit --no-fund --loglevel=error)
 exec .venv/bin/python -m pytest -q "$@"

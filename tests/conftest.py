@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import pytest
@@ -171,20 +172,30 @@ class GatewayFactory:
         self.tmp = tmp
         self.running: dict[str, GatewayProcess] = {}
 
-    def start(self, *, profile: dict[str, Any], upstream_url: str, config: dict[str, Any] | None = None) -> GatewayProcess:
-        key = json.dumps([profile, upstream_url, config], sort_keys=True)
+    def start(
+        self,
+        *,
+        profile: dict[str, Any] | str,
+        upstream_url: str,
+        config: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
+        policy_bundle: Path | None = None,
+    ) -> GatewayProcess:
+        """A gateway process; `profile` is profile data, or a shipped profile's name (then `env` feeds it)."""
+        key = json.dumps([profile, upstream_url, config, env, str(policy_bundle)], sort_keys=True)
         if key in self.running and self.running[key].proc.poll() is None:
             return self.running[key]
         port = free_port()
         d = self.tmp / f"gw-{len(self.running)}"
         d.mkdir()
-        (d / "profile.yaml").write_text(yaml.safe_dump(profile))
+        if isinstance(profile, dict):
+            (d / "profile.yaml").write_text(yaml.safe_dump(profile))
         cfg: dict[str, Any] = {
             "public_url": f"http://127.0.0.1:{port}",
             "listen": {"host": "127.0.0.1", "port": port},
             "upstream": {"url": upstream_url, "timeout": 10},
-            "profile": "./profile.yaml",
-            "policy": {"engine": "embedded", "bundle": str(ROOT / "policies")},
+            "profile": "./profile.yaml" if isinstance(profile, dict) else profile,
+            "policy": {"engine": "embedded", "bundle": str(policy_bundle or ROOT / "policies")},
             "log_level": "info",
         }
         cfg.update(config or {})
@@ -195,7 +206,7 @@ class GatewayFactory:
             cwd=ROOT,
             stdout=open(log_path, "w"),
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         gw = GatewayProcess(port=port, proc=proc, log_path=log_path, config_path=d / "gateway.yaml")
         try:
@@ -226,3 +237,103 @@ def gateways(tmp_path_factory: pytest.TempPathFactory) -> Any:
 def gateway(gateways: GatewayFactory, issuer: DevIssuer, upstream: UpstreamProcess) -> GatewayProcess:
     """The default gateway: pass-through, audience = its own resource URL, SSE upstream."""
     return gateways.start(profile=make_profile(issuer), upstream_url=upstream.url)
+
+
+# --- The real OpenID provider (tests/idp, oidc-provider on Node) -------------------------
+
+IDP_DIR = ROOT / "tests" / "idp"
+IDP_CLIENT = ("nextcloud-mcp-server", "mcp-secret")
+
+
+def ensure_idp_installed() -> None:
+    """`npm ci` the pinned provider once (scripts/test.sh does it too; this covers bare pytest)."""
+    if not (IDP_DIR / "node_modules" / "oidc-provider").is_dir():
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=IDP_DIR, check=True, capture_output=True)
+
+
+@dataclass
+class OpenIdProvider:
+    shape: str
+    base: str
+    issuer: str
+    proc: subprocess.Popen[Any]
+
+    @property
+    def jwks_url(self) -> str:
+        return self.issuer + "/jwks"
+
+    def token(self, subject: str = "alice", *, scope: str = "openid notes.read notes.write", audience: list[str] | None = None,
+              resource: str | None = None, format: str = "jwt", no_aud: bool = False, client: tuple[str, str] = IDP_CLIENT) -> str:
+        form: list[tuple[str, str]] = [("grant_type", "urn:test:grant-type:user"), ("subject", subject), ("scope", scope), ("format", format)]
+        form += [("audience", a) for a in audience or []]
+        if resource:
+            form.append(("resource", resource))
+        if no_aud:
+            form.append(("no_aud", "true"))
+        resp = httpx.post(self.issuer + "/token", content=urlencode(form), auth=client,
+                          headers={"Content-Type": "application/x-www-form-urlencoded"})
+        resp.raise_for_status()
+        return resp.json()["access_token"]
+
+    def stats(self) -> dict[str, Any]:
+        return httpx.get(self.base + "/test/stats").json()
+
+    def reset(self) -> None:
+        httpx.get(self.base + "/test/reset").raise_for_status()
+
+    def exchange_mode(self, mode: str) -> None:
+        httpx.get(self.base + "/test/exchange-mode", params={"mode": mode}).raise_for_status()
+
+    def revoke(self, token: str) -> bool:
+        return httpx.get(self.base + "/test/revoke", params={"token": token}).json()["revoked"]
+
+
+def _start_idp(shape: str, log_dir: Path) -> OpenIdProvider:
+    ensure_idp_installed()
+    port = free_port()
+    proc = subprocess.Popen(
+        ["node", "server.mjs", "--port", str(port), "--shape", shape],
+        cwd=IDP_DIR,
+        stdout=open(log_dir / f"idp-{shape}.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    issuer = base + ("/realms/mcp" if shape == "keycloak" else "")
+    wait_http(issuer + "/.well-known/openid-configuration", proc)
+    return OpenIdProvider(shape=shape, base=base, issuer=issuer, proc=proc)
+
+
+@pytest.fixture(scope="session")
+def keycloak_idp(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    idp = _start_idp("keycloak", tmp_path_factory.mktemp("idp"))
+    yield idp
+    idp.proc.terminate()
+    idp.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def nextcloud_idp(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    idp = _start_idp("nextcloud", tmp_path_factory.mktemp("idp"))
+    yield idp
+    idp.proc.terminate()
+    idp.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def backend_upstream(tmp_path_factory: pytest.TempPathFactory, keycloak_idp: OpenIdProvider) -> Any:
+    """An upstream that, like a real backend, verifies the token it receives against the Keycloak-like IdP."""
+    up = _start_upstream(
+        tmp_path_factory.mktemp("backend-upstream"),
+        "--json-response", "--stateless", "--verify-jwks", keycloak_idp.jwks_url, "--verify-issuer", keycloak_idp.issuer,
+    )
+    yield up
+    up.proc.terminate()
+    up.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def nextcloud_upstream(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    up = _start_upstream(tmp_path_factory.mktemp("nextcloud-upstream"), "--json-response", "--stateless")
+    yield up
+    up.proc.terminate()
+    up.proc.wait(10)

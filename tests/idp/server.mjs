@@ -39,7 +39,7 @@ const EXCHANGE_AUDIENCES = new Set(['nextcloud', 'notes-backend']);
 const { privateKey } = await jose.generateKeyPair('RS256', { extractable: true });
 const signingJwk = { ...(await jose.exportJWK(privateKey)), kid: `test-${shape}-1`, alg: 'RS256', use: 'sig' };
 
-const stats = { exchanges: 0, introspections: 0, tokens: 0 };
+const stats = { exchanges: 0, exchange_attempts: 0, introspections: 0, tokens: 0 };
 let exchangeMode = 'ok'; // ok | fail500 | slow | malformed
 
 const provider = new Provider(issuer, {
@@ -130,6 +130,7 @@ provider.registerGrantType(USER_GRANT, async (ctx) => {
   else if (shape === 'keycloak') aud = [CLIENT_ID, 'account'];
   else aud = resource || ctx.oidc.client.clientId;
   const format = p.format || 'jwt';
+  if (p.no_aud === 'true') aud = undefined; // opaque only: a JWT access token must have an audience
   const { value, token } = await mint(ctx, {
     subject: p.subject || 'alice',
     scope: p.scope || 'openid notes.read notes.write',
@@ -138,12 +139,13 @@ provider.registerGrantType(USER_GRANT, async (ctx) => {
     lifetime: p.lifetime ? Number(p.lifetime) : undefined,
   });
   ctx.body = { access_token: value, token_type: 'Bearer', expires_in: token.expiration, scope: token.scope };
-}, new Set(['subject', 'scope', 'audience', 'resource', 'format', 'lifetime']), new Set(['audience']));
+}, new Set(['subject', 'scope', 'audience', 'resource', 'format', 'lifetime', 'no_aud']), new Set(['audience']));
 
 // RFC 8693, with Keycloak's Standard Token Exchange V2 rules.
 provider.registerGrantType(EXCHANGE_GRANT, async (ctx) => {
   const p = ctx.oidc.params;
   const client = ctx.oidc.client;
+  stats.exchange_attempts += 1;
   if (exchangeMode === 'fail500') return oauthError(ctx, 500, 'server_error', 'the test IdP was told to fail');
   if (exchangeMode === 'slow') await new Promise((r) => { setTimeout(r, 10_000); });
   if (shape !== 'keycloak') return oauthError(ctx, 400, 'unsupported_grant_type', 'no token exchange here');
@@ -205,7 +207,7 @@ async function admin(req, res, url) {
   };
   if (url.pathname === '/test/stats') return send(200, { ...stats, exchangeMode });
   if (url.pathname === '/test/reset') {
-    Object.assign(stats, { exchanges: 0, introspections: 0, tokens: 0 });
+    Object.assign(stats, { exchanges: 0, exchange_attempts: 0, introspections: 0, tokens: 0 });
     exchangeMode = 'ok';
     return send(200, { ok: true });
   }

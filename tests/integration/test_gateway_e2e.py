@@ -163,22 +163,6 @@ def test_token_for_another_resource_refused(gateway, issuer, upstream) -> None:
     assert upstream.requests() == []
 
 
-def test_exchange_decision_fails_closed_until_exchange_exists(gateways, issuer, upstream) -> None:
-    profile = make_profile(
-        issuer,
-        mode="exchange",
-        exchange={"client": {"client_id": "gw", "client_secret": "s"}, "audience": ["backend"]},
-    )
-    gw = gateways.start(profile=profile, upstream_url=upstream.url)
-    upstream.clear()
-    token = issuer.mint(aud=gw.resource)
-    resp = post(gw.mcp_url, token, LIST)
-    assert resp.status_code == 503
-    assert reason(resp) == "exchange_unavailable"
-    assert upstream.requests() == []
-    assert token not in resp.text
-
-
 def test_header_contradicting_body_is_refused(gateway, issuer, upstream) -> None:
     upstream.clear()
     body = {"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "delete_note", "arguments": {"id": 1}}}

@@ -13,18 +13,50 @@ import json
 from pathlib import Path
 from typing import Any
 
+import httpx
 import uvicorn
 from mcp.server.mcpserver import Context
 
 from gateway.demo_upstream import build_notes_server
 
 
-class Recorder:
-    """ASGI middleware: one JSON line per HTTP request, written before the app runs."""
+class TokenCheck:
+    """Verifies the bearer JWT the upstream receives against the test IdP's JWKS."""
 
-    def __init__(self, app: Any, path: Path) -> None:
+    def __init__(self, jwks_url: str, issuer: str) -> None:
+        self.jwks_url = jwks_url
+        self.issuer = issuer
+        self.keys: Any = None
+
+    async def claims(self, authorization: str | None) -> tuple[dict[str, Any] | None, str | None]:
+        from joserfc import jwt
+        from joserfc.jwk import KeySet
+
+        if not authorization or not authorization.lower().startswith("bearer "):
+            return None, "no bearer token"
+        if self.keys is None:
+            async with httpx.AsyncClient() as http:
+                self.keys = KeySet.import_key_set((await http.get(self.jwks_url)).json())
+        try:
+            token = jwt.decode(authorization[7:], self.keys, algorithms=["RS256"])
+        except Exception as exc:  # noqa: BLE001 - any failure is a refusal, reported to the test
+            return None, f"{type(exc).__name__}: {exc}"
+        if token.claims.get("iss") != self.issuer:
+            return None, "wrong issuer"
+        return token.claims, None
+
+
+class Recorder:
+    """ASGI middleware: one JSON line per HTTP request, written before the app runs.
+
+    With a TokenCheck it also verifies the bearer token (as a real resource server
+    would), records the verified claims, and answers 401 to a token that fails.
+    """
+
+    def __init__(self, app: Any, path: Path, check: TokenCheck | None = None) -> None:
         self.app = app
         self.path = path
+        self.check = check
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -36,14 +68,18 @@ class Recorder:
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
         body = b"".join(chunks)
-        entry = {
-            "method": scope["method"],
-            "path": scope["path"],
-            "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in scope["headers"]],
-            "body": body.decode("utf-8", "replace"),
-        }
+        headers = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in scope["headers"]]
+        entry: dict[str, Any] = {"method": scope["method"], "path": scope["path"], "headers": headers, "body": body.decode("utf-8", "replace")}
+        error = None
+        if self.check is not None:
+            entry["claims"], error = await self.check.claims(dict(headers).get("authorization"))
+            entry["verify_error"] = error
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
+        if error is not None:
+            await send({"type": "http.response.start", "status": 401, "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": json.dumps({"error": "invalid_token"}).encode()})
+            return
         replayed = False
 
         async def replay() -> dict[str, Any]:
@@ -56,7 +92,7 @@ class Recorder:
         await self.app(scope, replay, send)
 
 
-def build_app(record_dir: Path, *, json_response: bool = False, stateless: bool = False) -> Any:
+def build_app(record_dir: Path, *, json_response: bool = False, stateless: bool = False, check: TokenCheck | None = None) -> Any:
     server = build_notes_server("test-notes")
 
     @server.tool(description="Report progress, then wait until the client creates the release file.")
@@ -70,7 +106,7 @@ def build_app(record_dir: Path, *, json_response: bool = False, stateless: bool 
         return "not released"
 
     app = server.streamable_http_app(streamable_http_path="/mcp", json_response=json_response, stateless_http=stateless)
-    return Recorder(app, record_dir / "requests.jsonl")
+    return Recorder(app, record_dir / "requests.jsonl", check)
 
 
 def main() -> None:
@@ -79,9 +115,12 @@ def main() -> None:
     parser.add_argument("--record", type=Path, required=True)
     parser.add_argument("--json-response", action="store_true")
     parser.add_argument("--stateless", action="store_true")
+    parser.add_argument("--verify-jwks", help="verify bearer JWTs against this JWKS URL")
+    parser.add_argument("--verify-issuer", help="the issuer those JWTs must carry")
     args = parser.parse_args()
     args.record.mkdir(parents=True, exist_ok=True)
-    app = build_app(args.record, json_response=args.json_response, stateless=args.stateless)
+    check = TokenCheck(args.verify_jwks, args.verify_issuer) if args.verify_jwks else None
+    app = build_app(args.record, json_response=args.json_response, stateless=args.stateless, check=check)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", lifespan="on")
 
 
