@@ -73,7 +73,14 @@ class Gateway:
         if "opaque" in profile.token_kinds:
             opaque_verifier = IntrospectionVerifier(profile, issuer, idp_http, verified)
         if profile.exchange is not None:
-            exchanger = TokenExchanger(profile.exchange, issuer, idp_http, max_entries=cfg.caches.exchanged_tokens)
+            exchanger = TokenExchanger(
+                profile.exchange,
+                issuer,
+                idp_http,
+                max_entries=cfg.caches.exchanged_tokens,
+                safety_margin=profile.exchange.safety_margin,
+                failure_ttl=profile.exchange.failure_ttl,
+            )
         return cls(
             settings=settings,
             profile=profile,

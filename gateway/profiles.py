@@ -106,6 +106,10 @@ class ExchangeSettings(Strict):
     subject_token_type: str = "urn:ietf:params:oauth:token-type:access_token"
     requested_token_type: str | None = "urn:ietf:params:oauth:token-type:access_token"
     timeout: float = pydantic.Field(5.0, gt=0)
+    #: an exchanged token is reused until `expires_in` minus this many seconds
+    safety_margin: float = pydantic.Field(30.0, ge=0)
+    #: a failed exchange is remembered this long (5xx/unreachable: for every request)
+    failure_ttl: float = pydantic.Field(5.0, ge=0)
 
     _lists = pydantic.field_validator("audience", "resource", "scope", mode="before")(_as_list)
     _none = pydantic.field_validator("token_endpoint", "requested_token_type", mode="before")(_empty_to_none)
