@@ -19,6 +19,7 @@ from urllib.parse import urlencode
 
 import httpx
 
+from gateway.jsonrpc import Refusal
 from gateway.idp import DiscoveryError, IssuerMetadata, client_authentication, oauth_error
 from gateway.profiles import ExchangeSettings
 from gateway.tokens import VerifiedToken
@@ -32,14 +33,8 @@ DEFAULT_LIFETIME = 60.0
 Key = tuple[str, tuple[str, ...], tuple[str, ...]]
 
 
-class ExchangeError(Exception):
+class ExchangeError(Refusal):
     """The exchange failed; `status`/`reason` are what the client is told (no token inside)."""
-
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
-        self.message = message
 
 
 @dataclass(frozen=True, slots=True)

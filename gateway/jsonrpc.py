@@ -23,6 +23,19 @@ SESSION_NOT_FOUND = -32006
 _STATUS_CODES = {401: UNAUTHORIZED, 403: FORBIDDEN, 404: SESSION_NOT_FOUND, 502: UPSTREAM_ERROR, 503: UNAVAILABLE, 504: UPSTREAM_ERROR}
 
 
+class Refusal(Exception):
+    """A step of the request path refuses: `status` and stable `reason` go to the client.
+
+    `message` is shown to the client too, so it never carries a token.
+    """
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
 def code_for_status(status: int) -> int:
     return _STATUS_CODES.get(status, INVALID_REQUEST if status < 500 else UNAVAILABLE)
 

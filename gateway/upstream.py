@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import httpx
 
 from gateway.config import Upstream as UpstreamConfig
+from gateway.jsonrpc import Refusal
 
 log = logging.getLogger("gateway.upstream")
 
@@ -42,12 +43,8 @@ HOP_BY_HOP = frozenset(
 DROPPED_RESPONSE_HEADERS = HOP_BY_HOP | {"content-length", "content-encoding", "date", "server", "www-authenticate"}
 
 
-class UpstreamError(Exception):
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
-        self.message = message
+class UpstreamError(Refusal):
+    """The upstream could not be reached or broke off (502/504)."""
 
 
 @dataclass(frozen=True, slots=True)

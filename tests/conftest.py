@@ -113,21 +113,23 @@ def _start_upstream(tmp: Path, *extra: str) -> UpstreamProcess:
     return UpstreamProcess(url=url, record_dir=tmp, proc=proc)
 
 
-@pytest.fixture(scope="session")
-def upstream(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    up = _start_upstream(tmp_path_factory.mktemp("upstream"))
+def _running_upstream(tmp_path_factory: pytest.TempPathFactory, name: str, *extra: str) -> Any:
+    up = _start_upstream(tmp_path_factory.mktemp(name), *extra)
     yield up
     up.proc.terminate()
     up.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A stateful upstream answering SSE (sessions, GET stream, DELETE)."""
+    yield from _running_upstream(tmp_path_factory, "upstream")
 
 
 @pytest.fixture(scope="session")
 def json_upstream(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A stateless upstream answering JSON (the shape curl users and 2026-07-28 clients meet)."""
-    up = _start_upstream(tmp_path_factory.mktemp("json-upstream"), "--json-response", "--stateless")
-    yield up
-    up.proc.terminate()
-    up.proc.wait(10)
+    yield from _running_upstream(tmp_path_factory, "json-upstream", "--json-response", "--stateless")
 
 
 @dataclass
@@ -322,18 +324,12 @@ def nextcloud_idp(tmp_path_factory: pytest.TempPathFactory) -> Any:
 @pytest.fixture(scope="session")
 def backend_upstream(tmp_path_factory: pytest.TempPathFactory, keycloak_idp: OpenIdProvider) -> Any:
     """An upstream that, like a real backend, verifies the token it receives against the Keycloak-like IdP."""
-    up = _start_upstream(
-        tmp_path_factory.mktemp("backend-upstream"),
+    yield from _running_upstream(
+        tmp_path_factory, "backend-upstream",
         "--json-response", "--stateless", "--verify-jwks", keycloak_idp.jwks_url, "--verify-issuer", keycloak_idp.issuer,
     )
-    yield up
-    up.proc.terminate()
-    up.proc.wait(10)
 
 
 @pytest.fixture(scope="session")
 def nextcloud_upstream(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    up = _start_upstream(tmp_path_factory.mktemp("nextcloud-upstream"), "--json-response", "--stateless")
-    yield up
-    up.proc.terminate()
-    up.proc.wait(10)
+    yield from _running_upstream(tmp_path_factory, "nextcloud-upstream", "--json-response", "--stateless")
