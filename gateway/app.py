@@ -98,6 +98,7 @@ class Gateway:
         return self.jwks is None or self.jwks.loaded
 
     async def aclose(self) -> None:
+        await self.engine.aclose()
         await self.upstream.aclose()
         await self.idp_http.aclose()
 
@@ -191,7 +192,7 @@ async def handle_mcp(request: Request[Any, Any, Any]) -> Response[Any]:
         decision = await gw.engine.decide(policy_input)
     except PolicyError as exc:
         log.error("policy error, request refused: %s", exc)
-        return refusal(503, "policy_error", "the authorization policy could not decide", request_id=mcp.id)
+        return refusal(503, exc.reason, "the authorization policy could not decide", request_id=mcp.id)
     audit.info(
         "decision action=%s reason=%s sub=%s kind=%s method=%s name=%s",
         decision.action.value, decision.reason, token.subject, token.kind, mcp.method or request.method, mcp.name,
@@ -258,6 +259,7 @@ def create_app(settings: Settings) -> Litestar:
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         if gateway.jwks is not None and not await gateway.jwks.refresh(force=True):
             log.warning("the issuer's keys could not be loaded at start-up; /readyz stays 503 until they are")
+        await gateway.engine.start()
         try:
             yield
         finally:
@@ -271,7 +273,7 @@ def create_app(settings: Settings) -> Litestar:
     async def readyz() -> Response[dict[str, Any]]:
         if gateway.jwks is not None and not gateway.jwks.loaded:
             await gateway.jwks.refresh()
-        checks = {"jwks": gateway.keys_ready, "policy": True}
+        checks = {"jwks": gateway.keys_ready, "policy": await gateway.engine.ready()}
         ready = all(checks.values())
         return Response({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 

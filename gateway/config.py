@@ -53,7 +53,10 @@ class PolicyConfig(Strict):
     #: directory of .rego files plus data files; empty means the shipped policies/
     bundle: str = ""
     entrypoint: str = "mcp/gateway/decision"
+    #: the OPA server (engine: opa), e.g. http://127.0.0.1:8181
     opa_url: str | None = None
+    #: seconds a remote decision may take before the request is refused (503)
+    timeout: float = pydantic.Field(1.0, gt=0)
 
 
 class Limits(Strict):

@@ -6,10 +6,14 @@ from gateway.config import Settings
 from gateway.policy import PolicyEngine, PolicyError
 from gateway.policy.bundle import load_bundle
 from gateway.policy.embedded import EmbeddedEngine
+from gateway.policy.opa import OpaEngine
 
 
 def build_engine(settings: Settings) -> PolicyEngine:
     policy = settings.config.policy
     if policy.engine == "embedded":
         return EmbeddedEngine(load_bundle(settings.bundle_dir), policy.entrypoint)
-    raise PolicyError(f"policy.engine {policy.engine!r} is not available in this build (use embedded)")
+    if policy.engine == "opa":
+        assert policy.opa_url is not None  # the config model requires it
+        return OpaEngine(policy.opa_url, policy.entrypoint, timeout=policy.timeout)
+    raise PolicyError(f"policy.engine {policy.engine!r} is not known")

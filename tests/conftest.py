@@ -333,3 +333,47 @@ def backend_upstream(tmp_path_factory: pytest.TempPathFactory, keycloak_idp: Ope
 @pytest.fixture(scope="session")
 def nextcloud_upstream(tmp_path_factory: pytest.TempPathFactory) -> Any:
     yield from _running_upstream(tmp_path_factory, "nextcloud-upstream", "--json-response", "--stateless")
+
+
+# --- A real OPA server (../shared/bin/opa, $OPA_BIN, or opa on PATH) ----------------------
+
+
+def find_opa() -> str | None:
+    import shutil
+
+    for candidate in (os.environ.get("OPA_BIN"), shutil.which("opa"), str(ROOT.parent / "shared" / "bin" / "opa")):
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+@dataclass
+class OpaServer:
+    url: str
+    proc: subprocess.Popen[Any]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def start_opa(bundle: Path, log_dir: Path) -> OpaServer:
+    opa = find_opa()
+    if opa is None:
+        pytest.skip("no OPA binary: set OPA_BIN, put opa on PATH, or keep ../shared/bin/opa beside the checkout")
+    port = free_port()
+    proc = subprocess.Popen(
+        [opa, "run", "--server", "--addr", f"127.0.0.1:{port}", "--disable-telemetry", "--log-level", "error", str(bundle)],
+        stdout=open(log_dir / f"opa-{port}.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/health", proc)
+    return OpaServer(url=url, proc=proc)
+
+
+@pytest.fixture(scope="session")
+def opa_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    server = start_opa(ROOT / "policies", tmp_path_factory.mktemp("opa"))
+    yield server
+    server.stop()

@@ -35,7 +35,11 @@ class Action(str, enum.Enum):
 
 
 class PolicyError(Exception):
-    """The engine could not give a usable decision (error, undefined, malformed)."""
+    """The engine could not give a usable decision (error, undefined, malformed, unreachable)."""
+
+    def __init__(self, message: str, *, reason: str = "policy_error") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,11 +95,17 @@ def _strings(value: Any, name: str) -> tuple[str, ...]:
 
 
 class PolicyEngine(Protocol):
-    """Something that turns a policy input into a Decision."""
+    """Something that turns a policy input into a Decision (opened and closed with the app)."""
 
     name: str
 
     async def decide(self, policy_input: dict[str, Any]) -> Decision: ...
+
+    async def start(self) -> None: ...
+
+    async def ready(self) -> bool: ...
+
+    async def aclose(self) -> None: ...
 
 
 def build_input(

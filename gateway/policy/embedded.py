@@ -66,3 +66,12 @@ class EmbeddedEngine:
 
     async def decide(self, policy_input: dict[str, Any]) -> Decision:
         return Decision.from_output(self.evaluate(policy_input))
+
+    async def start(self) -> None:
+        """Nothing to open: the bundle was compiled in the constructor."""
+
+    async def ready(self) -> bool:
+        return True
+
+    async def aclose(self) -> None:
+        """Nothing to close."""

@@ -1,0 +1,107 @@
+"""The remote OPA engine against a real OPA server, and parity with the embedded engine."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from gateway.policy import PolicyError
+from gateway.policy.bundle import load_bundle
+from gateway.policy.embedded import EmbeddedEngine
+from gateway.policy.opa import OpaEngine
+from tests.conftest import ROOT, find_opa, free_port, make_profile, start_opa
+from tests.integration.test_gateway_e2e import LIST, post, reason
+from tests.unit.test_policy import EXPECTED, RULES, TOKENS, policy_input, profile, token
+
+ENTRY = "mcp/gateway/decision"
+
+
+def decision_cases() -> list[tuple[str, dict, str]]:
+    """(name, policy input, expected reason): the audience matrix, both modes, odd requests, hostile names."""
+    cases = []
+    for rule, rules in RULES.items():
+        for kind, (aud, claims) in TOKENS.items():
+            for mode in ("passthrough", "exchange"):
+                cases.append((f"{rule}-{kind}-{mode}", policy_input(token(aud, **claims), profile(rules, mode)), EXPECTED[rule][kind]))
+    base = policy_input(token("mcp-client"), profile(RULES["A_strict"]))
+    for method, kind, expected in (("GET", None, "allowed"), ("DELETE", None, "allowed"), ("PUT", None, "unknown_message_kind")):
+        case = {**base, "mcp": {**base["mcp"], "kind": kind, "method": None}, "request": {**base["request"], "method": method}}
+        cases.append((f"http-{method}", case, expected))
+    for name in ['a"b', "a\\b", "a\nb", "é\u202e", "x" * 2000]:
+        cases.append((f"name-{name[:8]!r}", policy_input(token("mcp-client"), profile(RULES["A_strict"]), tool=name), "allowed"))
+    return cases
+
+
+CASES = decision_cases()
+
+
+@pytest.fixture(scope="module")
+def embedded() -> EmbeddedEngine:
+    return EmbeddedEngine(load_bundle(ROOT / "policies"), ENTRY)
+
+
+@pytest.fixture()
+async def remote(opa_server):
+    engine = OpaEngine(opa_server.url, ENTRY, timeout=5)
+    await engine.start()
+    yield engine
+    await engine.aclose()
+
+
+async def test_engines_agree_on_every_case(embedded, remote) -> None:
+    disagreements = []
+    for name, case, expected in CASES:
+        local = (await embedded.decide(case)).as_dict()
+        far = (await remote.decide(case)).as_dict()
+        if local != far or local["reason"] != expected:
+            disagreements.append((name, expected, local, far))
+    assert not disagreements, disagreements[:5]
+    assert len(CASES) > 60
+
+
+async def test_opa_down_is_a_policy_error() -> None:
+    engine = OpaEngine(f"http://127.0.0.1:{free_port()}", ENTRY, timeout=1)
+    with pytest.raises(PolicyError) as info:
+        await engine.decide(CASES[0][1])
+    assert info.value.reason == "policy_unavailable"
+    assert not await engine.ready()
+    await engine.aclose()
+
+
+async def test_undefined_decision_in_opa_is_a_policy_error(opa_server) -> None:
+    engine = OpaEngine(opa_server.url, "mcp/gateway/no_such_rule", timeout=5)
+    with pytest.raises(PolicyError, match="undefined"):
+        await engine.decide(CASES[0][1])
+    await engine.aclose()
+
+
+@pytest.mark.parametrize("args", [["check"], ["fmt", "--diff"], ["test"]])
+def test_shipped_policies_pass_opa_tooling(args) -> None:
+    opa = find_opa()
+    if opa is None:
+        pytest.skip("no OPA binary: set OPA_BIN, put opa on PATH, or keep ../shared/bin/opa beside the checkout")
+    result = subprocess.run([opa, *args, str(ROOT / "policies")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    if args[0] == "fmt":
+        assert result.stdout.strip() == "", "opa fmt would change the shipped policies"
+
+
+def test_gateway_with_opa_engine_forwards_and_fails_closed(gateways, issuer, json_upstream, tmp_path) -> None:
+    opa = start_opa(ROOT / "policies", tmp_path)
+    try:
+        gw = gateways.start(
+            profile=make_profile(issuer),
+            upstream_url=json_upstream.url,
+            config={"policy": {"engine": "opa", "opa_url": opa.url, "timeout": 1}},
+        )
+        token = issuer.mint(aud=gw.resource)
+        json_upstream.clear()
+        assert post(gw.mcp_url, token, LIST).status_code == 200
+        assert reason(post(gw.mcp_url, issuer.mint(aud="elsewhere"), LIST)) == "audience_not_accepted"
+    finally:
+        opa.stop()
+    json_upstream.clear()
+    down = post(gw.mcp_url, token, LIST)
+    assert down.status_code == 503 and reason(down) == "policy_unavailable"
+    assert json_upstream.requests() == []
