@@ -8,6 +8,7 @@ own module; expensive parts (compiled policy, HTTP clients, JWKS) are built once
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from litestar import Litestar, Request, Response, get, route
 from litestar.response import Stream
 
 from gateway import jsonrpc
+from gateway.audit import DecisionLog, DecisionRecord
 from gateway.config import Settings
 from gateway.engines import build_engine
 from gateway.messages import McpInputError, McpRequest, parse_post, parse_stream_request
@@ -55,6 +57,7 @@ class Gateway:
     idp_http: httpx.AsyncClient
     upstream: UpstreamClient
     metadata_url: str
+    decisions: DecisionLog
 
     @classmethod
     def build(cls, settings: Settings) -> Gateway:
@@ -91,6 +94,7 @@ class Gateway:
             idp_http=idp_http,
             upstream=UpstreamClient(cfg.upstream),
             metadata_url=metadata_url(cfg.public_url, cfg.mcp_path),
+            decisions=DecisionLog(cfg.decision_log),
         )
 
     @property
@@ -98,6 +102,7 @@ class Gateway:
         return self.jwks is None or self.jwks.loaded
 
     async def aclose(self) -> None:
+        self.decisions.close()
         await self.engine.aclose()
         await self.upstream.aclose()
         await self.idp_http.aclose()
@@ -143,31 +148,42 @@ async def _read_body(request: Request[Any, Any, Any], headers: dict[str, str], l
 
 
 async def handle_mcp(request: Request[Any, Any, Any]) -> Response[Any]:
-    """verify → parse → decide → apply, for POST, GET and DELETE on the MCP endpoint."""
+    """Every MCP request: run the request path, then log the decision and name it to the client."""
     gw: Gateway = request.app.state.gateway
+    record = DecisionRecord(
+        path=gw.settings.config.policy.entrypoint, requested_by=request.client.host if request.client else None
+    )
+    response = await request_path(gw, request, record)
+    response.headers["X-Decision-Id"] = record.decision_id
+    gw.decisions.write(record, status=response.status_code)
+    return response
+
+
+async def request_path(gw: Gateway, request: Request[Any, Any, Any], record: DecisionRecord) -> Response[Any]:
+    """verify → parse → decide → apply, for POST, GET and DELETE on the MCP endpoint."""
     cfg = gw.settings.config
 
     # 0. Browsers' requests must come from an allowed Origin (DNS rebinding).
     try:
         headers = _headers(request)
     except TokenError as exc:
-        return _token_refusal(gw, exc)
+        return _token_refusal(gw, record, exc)
     origin = headers.get("origin")
     if origin is not None and origin not in cfg.allowed_origins:
-        return refusal(403, "origin_not_allowed", "requests from this Origin are not allowed")
+        return refuse(record, 403, "origin_not_allowed", "requests from this Origin are not allowed")
 
     # 1. Verify the bearer token: the policy only ever sees verified claims.
     try:
         raw_token = bearer_token(headers.get("authorization"))
         if raw_token is None:
-            return refusal(
-                401, "missing_token", "a bearer token is required", www_authenticate=challenge(gw.metadata_url)
-            )
+            www = challenge(gw.metadata_url)
+            return refuse(record, 401, "missing_token", "a bearer token is required", www_authenticate=www)
         token = await gw.verifier.verify(raw_token)
     except TokenError as exc:
-        return _token_refusal(gw, exc)
+        return _token_refusal(gw, record, exc)
 
     # 2. Parse the MCP message (once; the raw body is what gets forwarded).
+    record.stage = "parse"
     try:
         if request.method == "POST":
             body = await _read_body(request, headers, cfg.limits.max_body_bytes)
@@ -175,27 +191,33 @@ async def handle_mcp(request: Request[Any, Any, Any]) -> Response[Any]:
         else:
             mcp = parse_stream_request(request.method, headers)
     except McpInputError as exc:
-        return refusal(exc.status, exc.reason, exc.message, request_id=exc.request_id, code=exc.code)
+        return refuse(record, exc.status, exc.reason, exc.message, request_id=exc.request_id, code=exc.code)
 
     # 3. Ask the policy.
-    policy_input = build_input(
+    record.stage = "policy"
+    record.input = policy_input = build_input(
         token=token,
         profile=gw.profile,
         mcp=mcp,
         http_method=request.method,
         path=request.url.path,
         headers=headers,
-        remote_addr=request.client.host if request.client else None,
+        remote_addr=record.requested_by,
         resource=cfg.resource,
     )
+    record.engine = gw.engine.name
+    started = time.perf_counter_ns()
     try:
         decision = await gw.engine.decide(policy_input)
     except PolicyError as exc:
         log.error("policy error, request refused: %s", exc)
-        return refusal(503, exc.reason, "the authorization policy could not decide", request_id=mcp.id)
+        return refuse(record, 503, exc.reason, "the authorization policy could not decide", request_id=mcp.id)
+    finally:
+        record.eval_ns = time.perf_counter_ns() - started
+    record.result = decision.as_dict()
     audit.info(
-        "decision action=%s reason=%s sub=%s kind=%s method=%s name=%s",
-        decision.action.value, decision.reason, token.subject, token.kind, mcp.method or request.method, mcp.name,
+        "decision id=%s action=%s reason=%s sub=%s kind=%s method=%s name=%s",
+        record.decision_id, decision.action.value, decision.reason, token.subject, token.kind, mcp.method or request.method, mcp.name,
     )
 
     # 4. Apply the decision.
@@ -203,6 +225,7 @@ async def handle_mcp(request: Request[Any, Any, Any]) -> Response[Any]:
         return _policy_refusal(gw, decision.status or 403, decision.reason, decision.scopes, mcp)
     bearer = raw_token
     if decision.action is Action.EXCHANGE:
+        record.stage = "exchange"
         if gw.exchanger is None or gw.profile.exchange is None:
             return refusal(503, "exchange_not_configured", "the policy asks for a token exchange, but the profile has no exchange section", request_id=mcp.id)
         try:
@@ -215,14 +238,21 @@ async def handle_mcp(request: Request[Any, Any, Any]) -> Response[Any]:
         except ExchangeError as exc:
             return refusal(exc.status, exc.reason, exc.message, request_id=mcp.id)
         bearer = exchanged.access_token  # the client's token goes no further
-    return await _forward(gw, mcp, headers, bearer)
+    record.stage = "upstream"
+    return await _forward(gw, record, mcp, headers, bearer)
 
 
-def _token_refusal(gw: Gateway, exc: TokenError) -> Response[bytes]:
+def refuse(record: DecisionRecord, status: int, reason: str, message: str, **kwargs: Any) -> Response[bytes]:
+    """A refusal before the policy decided: the decision log records it as the gateway's own."""
+    record.result = {"action": "reject", "reason": reason, "status": status}
+    return refusal(status, reason, message, **kwargs)
+
+
+def _token_refusal(gw: Gateway, record: DecisionRecord, exc: TokenError) -> Response[bytes]:
     if exc.status == 401:
         www = challenge(gw.metadata_url, error="invalid_token", description=exc.description)
-        return refusal(401, exc.reason, exc.description, www_authenticate=www)
-    return refusal(exc.status, exc.reason, exc.description)
+        return refuse(record, 401, exc.reason, exc.description, www_authenticate=www)
+    return refuse(record, exc.status, exc.reason, exc.description)
 
 
 def _policy_refusal(gw: Gateway, status: int, reason: str, scopes: tuple[str, ...], mcp: McpRequest) -> Response[bytes]:
@@ -235,7 +265,7 @@ def _policy_refusal(gw: Gateway, status: int, reason: str, scopes: tuple[str, ..
     return refusal(status, reason, message, request_id=mcp.id, www_authenticate=www)
 
 
-async def _forward(gw: Gateway, mcp: McpRequest, headers: dict[str, str], bearer: str) -> Response[Any]:
+async def _forward(gw: Gateway, record: DecisionRecord, mcp: McpRequest, headers: dict[str, str], bearer: str) -> Response[Any]:
     cfg = gw.settings.config
     try:
         answer = await gw.upstream.send(
@@ -245,6 +275,7 @@ async def _forward(gw: Gateway, mcp: McpRequest, headers: dict[str, str], bearer
         )
     except UpstreamError as exc:
         return refusal(exc.status, exc.reason, exc.message, request_id=mcp.id)
+    record.stage, record.upstream_status = "done", answer.status
     if answer.stream is not None:
         return Stream(answer.stream, status_code=answer.status, headers=dict(answer.headers), media_type=answer.media_type)
     return Response(answer.body, status_code=answer.status, headers=dict(answer.headers), media_type=answer.media_type)

@@ -84,6 +84,8 @@ class GatewayConfig(Strict):
     limits: Limits = Limits()
     caches: Caches = Caches()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    #: one JSON line per decision: "-" stdout, a file path (appended), "" off
+    decision_log: str = "-"
 
     @pydantic.field_validator("public_url")
     @classmethod

@@ -1,0 +1,86 @@
+"""The decision log: one JSON line per request the gateway judged, never a token.
+
+Field names follow OPA's decision-log format where they overlap (`decision_id`,
+`timestamp`, `path`, `input`, `result`, `requested_by`, `metrics.timer_rego_query_eval_ns`,
+`labels`); `engine`, `upstream_status` and `stage` are the gateway's own. Refusals
+before the policy ran (bad token, bad body) are logged too, with `stage` saying where.
+The input holds verified claims but never the raw or an exchanged token; a claim
+named in REDACTED_CLAIMS is masked.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+REDACTED_CLAIMS = frozenset({"access_token", "refresh_token", "id_token", "token"})
+
+
+@dataclass
+class DecisionRecord:
+    """What one request's path learned; filled step by step, written once at the end."""
+
+    path: str
+    decision_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    stage: str = "token"  # token | parse | policy | exchange | upstream | done
+    input: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None
+    engine: str | None = None
+    eval_ns: int | None = None
+    upstream_status: int | None = None
+    requested_by: str | None = None
+
+
+def _redacted(policy_input: dict[str, Any] | None) -> dict[str, Any] | None:
+    if policy_input is None:
+        return None
+    token = policy_input.get("token")
+    if not isinstance(token, dict):
+        return policy_input
+    claims = {k: ("[redacted]" if k in REDACTED_CLAIMS else v) for k, v in token.get("claims", {}).items()}
+    return {**policy_input, "token": {**token, "claims": claims}}
+
+
+class DecisionLog:
+    def __init__(self, target: str) -> None:
+        """`target`: "-" for stdout, a file path to append to, or "" to log nothing."""
+        self._stream: TextIO | None
+        if target == "-":
+            self._stream = sys.stdout
+        elif target:
+            self._stream = Path(target).open("a", encoding="utf-8", buffering=1)
+        else:
+            self._stream = None
+
+    def write(self, record: DecisionRecord, *, status: int) -> None:
+        if self._stream is None:
+            return
+        entry: dict[str, Any] = {
+            "decision_id": record.decision_id,
+            "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z"),
+            "path": record.path,
+            "labels": {"app": "mcp-authz-gateway"},
+            "requested_by": record.requested_by,
+            "stage": record.stage,
+            "input": _redacted(record.input),
+            "result": record.result,
+            "engine": record.engine,
+            "status": status,
+            "upstream_status": record.upstream_status,
+        }
+        if record.eval_ns is not None:
+            entry["metrics"] = {"timer_rego_query_eval_ns": record.eval_ns}
+        try:
+            self._stream.write(json.dumps(entry, ensure_ascii=False, default=str) + "\n")
+        except (OSError, ValueError) as exc:  # a full disk must not take requests down
+            logging.getLogger("gateway.audit").error("decision log write failed: %s", exc)
+
+    def close(self) -> None:
+        if self._stream is not None and self._stream is not sys.stdout:
+            self._stream.close()

@@ -1,0 +1,38 @@
+"""The decision log: one JSON line per judged request, quotable by its id, never a token."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import make_profile
+from tests.integration.test_gateway_e2e import LIST, post
+
+
+def test_decision_log_lines_match_responses(gateways, issuer, json_upstream, tmp_path) -> None:
+    log_file = tmp_path / "decisions.jsonl"
+    gw = gateways.start(profile=make_profile(issuer), upstream_url=json_upstream.url, config={"decision_log": str(log_file)})
+    good = issuer.mint(aud=gw.resource, sub="logged")
+    ok = post(gw.mcp_url, good, LIST)
+    refused = post(gw.mcp_url, issuer.mint(aud="elsewhere", sub="logged"), LIST)
+    bad_token = post(gw.mcp_url, good[:-4] + "AAAA", LIST)
+    answers = [ok, refused, bad_token]
+    ids = [a.headers["x-decision-id"] for a in answers]
+    assert len(set(ids)) == 3
+
+    lines = {entry["decision_id"]: entry for entry in map(json.loads, log_file.read_text().splitlines())}
+    assert set(ids) <= set(lines)
+    first, second, third = (lines[i] for i in ids)
+
+    assert first["result"] == {"action": "accept", "reason": "allowed"}
+    assert (first["status"], first["upstream_status"], first["engine"], first["stage"]) == (200, 200, "embedded", "done")
+    assert first["input"]["token"]["subject"] == "logged" and first["input"]["mcp"]["method"] == "tools/list"
+    assert first["metrics"]["timer_rego_query_eval_ns"] > 0
+    assert first["path"] == "mcp/gateway/decision" and first["timestamp"].endswith("Z")
+
+    assert second["result"]["reason"] == "audience_not_accepted" and second["status"] == 401
+    assert second["upstream_status"] is None
+
+    assert third["stage"] == "token" and third["result"]["reason"] == "bad_signature" and third["input"] is None
+
+    text = log_file.read_text()
+    assert good not in text and good.split(".")[2] not in text  # no raw token, not even its signature
