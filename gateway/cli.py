@@ -92,6 +92,22 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
     return report.exit_code
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from gateway.explain import explain, mcp_body
+
+    try:
+        settings = load_config(resolve_config_path(args.config))
+        body = mcp_body(args.request, args.tool, args.args)
+        text, code = asyncio.run(explain(settings, raw_token=args.token, claims_file=args.claims, body=body))
+    except (ConfigError, PolicyError, ValueError, OSError, json.JSONDecodeError) as exc:
+        return _fail(str(exc))
+    print(text)
+    return code
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     from gateway.dev import run_dev
 
@@ -112,6 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate config and profile, compile the policy, run its Rego tests")
     check.add_argument("--config", help="gateway.yaml (default: $GATEWAY_CONFIG)")
     check.set_defaults(func=cmd_check)
+
+    explain = sub.add_parser("explain", help="show the policy input, decision and what the gateway would do (nothing forwarded)")
+    explain.add_argument("--config", help="gateway.yaml (default: $GATEWAY_CONFIG)")
+    who = explain.add_mutually_exclusive_group(required=True)
+    who.add_argument("--token", help="a bearer token (verified as the gateway would; shown redacted)")
+    who.add_argument("--claims", help="a JSON file of claims, taken as verified")
+    explain.add_argument("--request", help="the JSON-RPC request, or @FILE")
+    explain.add_argument("--tool", help="shorthand for a tools/call of this tool")
+    explain.add_argument("--args", help="the tool's arguments as JSON (with --tool)")
+    explain.set_defaults(func=cmd_explain)
 
     dev = sub.add_parser("dev", help="demo: a notes MCP server, a dev issuer and the gateway, one command")
     dev.add_argument("--host", default="127.0.0.1")

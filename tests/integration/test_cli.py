@@ -101,3 +101,38 @@ def test_dev_command_serves_a_working_demo() -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def _explain_config(tmp_path: Path, issuer) -> Path:
+    import yaml
+
+    from tests.conftest import make_profile
+
+    (tmp_path / "profile.yaml").write_text(yaml.safe_dump(make_profile(issuer)))
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text("public_url: http://127.0.0.1:8080\nupstream: {url: http://127.0.0.1:1/mcp}\nprofile: ./profile.yaml\n")
+    return cfg
+
+
+def test_explain_with_claims_shows_input_decision_and_action(tmp_path: Path) -> None:
+    claims = tmp_path / "claims.json"
+    claims.write_text('{"iss": "http://localhost:8888/realms/nextcloud-mcp", "sub": "alice", "aud": ["nextcloud-mcp-server", "account"]}')
+    ok = cli("explain", "--config", "examples/gateway.yaml", "--claims", str(claims), "--tool", "read_note", "--args", '{"id": 1}', env=SHIPPED_ENV)
+    assert ok.returncode == 0, ok.stderr
+    assert '"tool": "read_note"' in ok.stdout and '"arguments": {\n      "id": 1' in ok.stdout
+    assert "the gateway would: exchange the client's token for audience nextcloud" in ok.stdout
+    claims.write_text('{"iss": "x", "sub": "alice", "aud": "account"}')
+    refused = cli("explain", "--config", "examples/gateway.yaml", "--claims", str(claims), "--request", '{"jsonrpc":"2.0","id":1,"method":"tools/list"}', env=SHIPPED_ENV)
+    assert refused.returncode == 1
+    assert 'the gateway would: refuse with status 401 (audience_not_accepted) with WWW-Authenticate: Bearer error="invalid_token"' in refused.stdout
+
+
+def test_explain_verifies_a_real_token_and_never_prints_it(tmp_path: Path, issuer) -> None:
+    cfg = _explain_config(tmp_path, issuer)
+    token = issuer.mint(aud="http://127.0.0.1:8080/mcp", sub="explained")
+    ok = cli("explain", "--config", str(cfg), "--token", token, "--tool", "list_notes")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "the gateway would: forward to the upstream as is" in ok.stdout and '"subject": "explained"' in ok.stdout
+    assert token not in ok.stdout and token.split(".")[2] not in ok.stdout
+    bad = cli("explain", "--config", str(cfg), "--token", issuer.mint(aud="x", lifetime=-600), "--tool", "list_notes")
+    assert bad.returncode == 1 and "refuse with status 401 (expired)" in bad.stdout
