@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -22,6 +22,8 @@ from gateway import jsonrpc
 from gateway.audit import DecisionLog, DecisionRecord
 from gateway.config import Settings
 from gateway.engines import build_engine
+from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gateway.metrics import Metrics
 from gateway.messages import McpInputError, McpRequest, parse_post, parse_stream_request
 from gateway.metadata import WELL_KNOWN, challenge, metadata_document, metadata_path, metadata_url
 from gateway.policy import Action, PolicyEngine, PolicyError, build_input
@@ -58,6 +60,17 @@ class Gateway:
     upstream: UpstreamClient
     metadata_url: str
     decisions: DecisionLog
+    verified_cache: VerifiedTokenCache
+    metrics: Metrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics(self._cache_counts)
+
+    def _cache_counts(self) -> dict[str, tuple[int, int]]:
+        counts = {"verified_tokens": (self.verified_cache.hits, self.verified_cache.misses)}
+        if self.exchanger is not None:
+            counts["exchanged_tokens"] = (self.exchanger.hits, self.exchanger.requests)
+        return counts
 
     @classmethod
     def build(cls, settings: Settings) -> Gateway:
@@ -95,6 +108,7 @@ class Gateway:
             upstream=UpstreamClient(cfg.upstream),
             metadata_url=metadata_url(cfg.public_url, cfg.mcp_path),
             decisions=DecisionLog(cfg.decision_log),
+            verified_cache=verified,
         )
 
     @property
@@ -156,6 +170,7 @@ async def handle_mcp(request: Request[Any, Any, Any]) -> Response[Any]:
     response = await request_path(gw, request, record)
     response.headers["X-Decision-Id"] = record.decision_id
     gw.decisions.write(record, status=response.status_code)
+    gw.metrics.count(record.result)
     return response
 
 
@@ -178,7 +193,8 @@ async def request_path(gw: Gateway, request: Request[Any, Any, Any], record: Dec
         if raw_token is None:
             www = challenge(gw.metadata_url)
             return refuse(record, 401, "missing_token", "a bearer token is required", www_authenticate=www)
-        token = await gw.verifier.verify(raw_token)
+        with gw.metrics.timed("verify"):
+            token = await gw.verifier.verify(raw_token)
     except TokenError as exc:
         return _token_refusal(gw, record, exc)
 
@@ -208,7 +224,8 @@ async def request_path(gw: Gateway, request: Request[Any, Any, Any], record: Dec
     record.engine = gw.engine.name
     started = time.perf_counter_ns()
     try:
-        decision = await gw.engine.decide(policy_input)
+        with gw.metrics.timed("policy"):
+            decision = await gw.engine.decide(policy_input)
     except PolicyError as exc:
         log.error("policy error, request refused: %s", exc)
         return refuse(record, 503, exc.reason, "the authorization policy could not decide", request_id=mcp.id)
@@ -229,12 +246,13 @@ async def request_path(gw: Gateway, request: Request[Any, Any, Any], record: Dec
         if gw.exchanger is None or gw.profile.exchange is None:
             return refusal(503, "exchange_not_configured", "the policy asks for a token exchange, but the profile has no exchange section", request_id=mcp.id)
         try:
-            exchanged = await gw.exchanger.exchange(
-                token,
-                raw_token,
-                audience=decision.audience or gw.profile.exchange.audience,
-                scopes=decision.scopes or gw.profile.exchange.scope,
-            )
+            with gw.metrics.timed("exchange"):
+                exchanged = await gw.exchanger.exchange(
+                    token,
+                    raw_token,
+                    audience=decision.audience or gw.profile.exchange.audience,
+                    scopes=decision.scopes or gw.profile.exchange.scope,
+                )
         except ExchangeError as exc:
             return refusal(exc.status, exc.reason, exc.message, request_id=mcp.id)
         bearer = exchanged.access_token  # the client's token goes no further
@@ -268,11 +286,12 @@ def _policy_refusal(gw: Gateway, status: int, reason: str, scopes: tuple[str, ..
 async def _forward(gw: Gateway, record: DecisionRecord, mcp: McpRequest, headers: dict[str, str], bearer: str) -> Response[Any]:
     cfg = gw.settings.config
     try:
-        answer = await gw.upstream.send(
-            method=mcp.http_method,
-            headers=forwarded_headers(headers, cfg.upstream.forward_headers, bearer),
-            body=mcp.body,
-        )
+        with gw.metrics.timed("upstream"):  # until the answer's headers (SSE bodies stream on)
+            answer = await gw.upstream.send(
+                method=mcp.http_method,
+                headers=forwarded_headers(headers, cfg.upstream.forward_headers, bearer),
+                body=mcp.body,
+            )
     except UpstreamError as exc:
         return refusal(exc.status, exc.reason, exc.message, request_id=mcp.id)
     record.stage, record.upstream_status = "done", answer.status
@@ -314,10 +333,14 @@ def create_app(settings: Settings) -> Litestar:
     def protected_resource_metadata() -> Response[dict[str, Any]]:
         return Response(document, headers={"Access-Control-Allow-Origin": "*", "Cache-Control": "max-age=300"})
 
+    @get("/metrics", sync_to_thread=False)
+    def metrics() -> Response[bytes]:
+        return Response(gateway.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
     mcp_route = route(cfg.mcp_path, http_method=["POST", "GET", "DELETE"], request_max_body_size=None)(handle_mcp)
 
     app = Litestar(
-        route_handlers=[healthz, readyz, protected_resource_metadata, mcp_route],
+        route_handlers=[healthz, readyz, metrics, protected_resource_metadata, mcp_route],
         lifespan=[lifespan],
         openapi_config=None,
         exception_handlers={Exception: _internal_error},

@@ -36,3 +36,23 @@ def test_decision_log_lines_match_responses(gateways, issuer, json_upstream, tmp
 
     text = log_file.read_text()
     assert good not in text and good.split(".")[2] not in text  # no raw token, not even its signature
+
+
+def test_metrics_count_decisions_steps_and_cache(gateways, issuer, json_upstream) -> None:
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    gw = gateways.start(profile=make_profile(issuer), upstream_url=json_upstream.url, config={"decision_log": ""})
+    good = issuer.mint(aud=gw.resource)
+    for _ in range(3):
+        assert post(gw.mcp_url, good, LIST).status_code == 200
+    assert post(gw.mcp_url, issuer.mint(aud="elsewhere"), LIST).status_code == 401
+    resp = httpx.get(gw.base + "/metrics")
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(resp.text) for s in f.samples}
+    assert samples[("mcp_gateway_requests_total", (("action", "accept"), ("reason", "allowed")))] == 3
+    assert samples[("mcp_gateway_requests_total", (("action", "reject"), ("reason", "audience_not_accepted")))] == 1
+    for step, count in (("verify", 4), ("policy", 4), ("upstream", 3)):
+        assert samples[("mcp_gateway_step_seconds_count", (("step", step),))] == count
+    assert samples[("mcp_gateway_cache_lookups_total", (("cache", "verified_tokens"), ("result", "hit")))] == 2
+    assert samples[("mcp_gateway_cache_lookups_total", (("cache", "verified_tokens"), ("result", "miss")))] == 2

@@ -1,0 +1,65 @@
+"""Prometheus metrics: what the gateway decides, how long each step takes, how caches do.
+
+Each app has its own registry (several gateways can live in one process, as in `dev`).
+Cache counters are read from the caches at scrape time, so the caches stay free of
+metrics code.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class _CacheCollector:
+    """Exposes hit/miss counts that the caches keep themselves."""
+
+    def __init__(self, sources: Callable[[], dict[str, tuple[int, int]]]) -> None:
+        self._sources = sources
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("mcp_gateway_cache_lookups", "Cache lookups by cache and result", labels=["cache", "result"])
+        for name, (hits, misses) in self._sources().items():
+            family.add_metric([name, "hit"], hits)
+            family.add_metric([name, "miss"], misses)
+        yield family
+
+
+class Metrics:
+    def __init__(self, cache_sources: Callable[[], dict[str, tuple[int, int]]]) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "mcp_gateway_requests", "Requests on the MCP endpoint by outcome", ["action", "reason"], registry=self.registry
+        )
+        self.step_seconds = Histogram(
+            "mcp_gateway_step_seconds",
+            "Time spent per step of the request path",
+            ["step"],  # verify | policy | exchange | upstream
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
+        self.reloads = Counter("mcp_gateway_reloads", "Policy/profile reloads by result", ["result"], registry=self.registry)
+        self.registry.register(_CacheCollector(cache_sources))  # type: ignore[arg-type]
+
+    @contextmanager
+    def timed(self, step: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.step_seconds.labels(step).observe(time.perf_counter() - started)
+
+    def count(self, result: dict[str, Any] | None) -> None:
+        result = result or {"action": "reject", "reason": "unknown"}
+        self.requests.labels(result.get("action", "reject"), result.get("reason", "unknown")).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
