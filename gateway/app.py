@@ -7,6 +7,7 @@ own module; expensive parts (compiled policy, HTTP clients, JWKS) are built once
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -21,7 +22,7 @@ from litestar.response import Stream
 from gateway import jsonrpc
 from gateway.audit import DecisionLog, DecisionRecord
 from gateway.config import Settings
-from gateway.engines import build_engine
+from gateway.engines import build_engine, build_shadow_engine
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import Metrics
 from gateway.messages import McpInputError, McpRequest, parse_post, parse_stream_request
@@ -61,6 +62,7 @@ class Gateway:
     metadata_url: str
     decisions: DecisionLog
     verified_cache: VerifiedTokenCache
+    shadow: PolicyEngine | None = None
     metrics: Metrics = field(init=False)
 
     def __post_init__(self) -> None:
@@ -109,6 +111,7 @@ class Gateway:
             metadata_url=metadata_url(cfg.public_url, cfg.mcp_path),
             decisions=DecisionLog(cfg.decision_log),
             verified_cache=verified,
+            shadow=build_shadow_engine(settings),
         )
 
     @property
@@ -232,6 +235,8 @@ async def request_path(gw: Gateway, request: Request[Any, Any, Any], record: Dec
     finally:
         record.eval_ns = time.perf_counter_ns() - started
     record.result = decision.as_dict()
+    if gw.shadow is not None:
+        await _compare_shadow(gw, record, policy_input)
     audit.info(
         "decision id=%s action=%s reason=%s sub=%s kind=%s method=%s name=%s",
         record.decision_id, decision.action.value, decision.reason, token.subject, token.kind, mcp.method or request.method, mcp.name,
@@ -258,6 +263,26 @@ async def request_path(gw: Gateway, request: Request[Any, Any, Any], record: Dec
         bearer = exchanged.access_token  # the client's token goes no further
     record.stage = "upstream"
     return await _forward(gw, record, mcp, headers, bearer)
+
+
+async def _compare_shadow(gw: Gateway, record: DecisionRecord, policy_input: dict[str, Any]) -> None:
+    """Evaluate the shadow policy on the same input; log and count, never act."""
+    assert gw.shadow is not None
+    try:
+        shadow = (await gw.shadow.decide(policy_input)).as_dict()
+    except PolicyError as exc:
+        gw.metrics.shadow.labels("error").inc()
+        log.warning("shadow policy error on decision %s: %s", record.decision_id, exc)
+        return
+    if shadow == record.result:
+        gw.metrics.shadow.labels("agree").inc()
+        return
+    gw.metrics.shadow.labels("disagree").inc()
+    record.shadow_result = shadow
+    log.warning(
+        "shadow policy disagrees on decision %s: live=%s shadow=%s",
+        record.decision_id, json.dumps(record.result), json.dumps(shadow),
+    )
 
 
 def refuse(record: DecisionRecord, status: int, reason: str, message: str, **kwargs: Any) -> Response[bytes]:

@@ -35,6 +35,8 @@ class DecisionRecord:
     eval_ns: int | None = None
     upstream_status: int | None = None
     requested_by: str | None = None
+    #: the shadow policy's decision, when it differs from `result`
+    shadow_result: dict[str, Any] | None = None
 
 
 def _redacted(policy_input: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -76,6 +78,8 @@ class DecisionLog:
         }
         if record.eval_ns is not None:
             entry["metrics"] = {"timer_rego_query_eval_ns": record.eval_ns}
+        if record.shadow_result is not None:
+            entry["shadow_result"] = record.shadow_result
         try:
             self._stream.write(json.dumps(entry, ensure_ascii=False, default=str) + "\n")
         except (OSError, ValueError) as exc:  # a full disk must not take requests down

@@ -57,6 +57,9 @@ class PolicyConfig(Strict):
     opa_url: str | None = None
     #: seconds a remote decision may take before the request is refused (503)
     timeout: float = pydantic.Field(1.0, gt=0)
+    #: a second bundle evaluated beside the live one (embedded engine); disagreements are
+    #: logged and counted, never acted on
+    shadow: str | None = None
 
 
 class Limits(Strict):
@@ -123,6 +126,7 @@ class Settings(pydantic.BaseModel):
     config: GatewayConfig
     path: Path
     bundle_dir: Path
+    shadow_dir: Path | None = None
 
     @property
     def base_dir(self) -> Path:
@@ -145,4 +149,10 @@ def load_config(path: Path) -> Settings:
         bundle = (path.parent / bundle).resolve()
     if not bundle.is_dir():
         raise ConfigError(f"{path.name}: policy.bundle: directory {bundle} does not exist")
-    return Settings(config=config, path=path, bundle_dir=bundle)
+    shadow = None
+    if config.policy.shadow:
+        shadow = Path(config.policy.shadow)
+        shadow = shadow if shadow.is_absolute() else (path.parent / shadow).resolve()
+        if not shadow.is_dir():
+            raise ConfigError(f"{path.name}: policy.shadow: directory {shadow} does not exist")
+    return Settings(config=config, path=path, bundle_dir=bundle, shadow_dir=shadow)

@@ -17,3 +17,10 @@ def build_engine(settings: Settings) -> PolicyEngine:
         assert policy.opa_url is not None  # the config model requires it
         return OpaEngine(policy.opa_url, policy.entrypoint, timeout=policy.timeout)
     raise PolicyError(f"policy.engine {policy.engine!r} is not known")
+
+
+def build_shadow_engine(settings: Settings) -> EmbeddedEngine | None:
+    """The shadow bundle, compiled like the live one, or None when none is configured."""
+    if settings.shadow_dir is None:
+        return None
+    return EmbeddedEngine(load_bundle(settings.shadow_dir), settings.config.policy.entrypoint)

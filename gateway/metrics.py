@@ -47,6 +47,9 @@ class Metrics:
             registry=self.registry,
         )
         self.reloads = Counter("mcp_gateway_reloads", "Policy/profile reloads by result", ["result"], registry=self.registry)
+        self.shadow = Counter(
+            "mcp_gateway_shadow_decisions", "Shadow policy evaluations by outcome", ["outcome"], registry=self.registry
+        )  # outcome: agree | disagree | error
         self.registry.register(_CacheCollector(cache_sources))  # type: ignore[arg-type]
 
     @contextmanager

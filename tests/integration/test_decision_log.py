@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tests.conftest import make_profile
+from tests.conftest import ROOT, make_profile
 from tests.integration.test_gateway_e2e import LIST, post
 
 
@@ -56,3 +56,40 @@ def test_metrics_count_decisions_steps_and_cache(gateways, issuer, json_upstream
         assert samples[("mcp_gateway_step_seconds_count", (("step", step),))] == count
     assert samples[("mcp_gateway_cache_lookups_total", (("cache", "verified_tokens"), ("result", "hit")))] == 2
     assert samples[("mcp_gateway_cache_lookups_total", (("cache", "verified_tokens"), ("result", "miss")))] == 2
+
+
+SHADOW = """package mcp.gateway
+
+# A stricter candidate: refuse delete_note, allow the rest as the live policy would.
+default decision := {"action": "accept", "reason": "allowed"}
+
+decision := {"action": "reject", "reason": "deletes_frozen", "status": 403} if input.mcp.tool == "delete_note"
+"""
+
+
+def test_shadow_policy_logs_and_counts_disagreements_without_acting(gateways, issuer, json_upstream, tmp_path) -> None:
+    import httpx
+
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "candidate.rego").write_text(SHADOW)
+    log_file = tmp_path / "decisions.jsonl"
+    gw = gateways.start(
+        profile=make_profile(issuer),
+        upstream_url=json_upstream.url,
+        config={"decision_log": str(log_file), "policy": {"bundle": str(ROOT / "policies"), "shadow": str(shadow)}},
+    )
+    token = issuer.mint(aud=gw.resource)
+    listed = post(gw.mcp_url, token, LIST)
+    delete = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "delete_note", "arguments": {"id": 999}}}
+    deleted = post(gw.mcp_url, token, delete)
+    assert listed.status_code == 200 and deleted.status_code == 200  # the shadow never acts
+    entries = {e["decision_id"]: e for e in map(json.loads, log_file.read_text().splitlines())}
+    disagreeing = entries[deleted.headers["x-decision-id"]]
+    assert disagreeing["result"]["action"] == "accept"
+    assert disagreeing["shadow_result"] == {"action": "reject", "reason": "deletes_frozen", "status": 403}
+    assert "shadow_result" not in entries[listed.headers["x-decision-id"]]
+    assert "shadow policy disagrees on decision " + deleted.headers["x-decision-id"] in gw.log()
+    metrics = httpx.get(gw.base + "/metrics").text
+    assert 'mcp_gateway_shadow_decisions_total{outcome="disagree"} 1.0' in metrics
+    assert 'mcp_gateway_shadow_decisions_total{outcome="agree"} 1.0' in metrics
