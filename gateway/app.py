@@ -7,6 +7,7 @@ own module; expensive parts (compiled policy, HTTP clients, JWKS) are built once
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -28,6 +29,7 @@ from gateway.metrics import Metrics
 from gateway.messages import McpInputError, McpRequest, parse_post, parse_stream_request
 from gateway.metadata import WELL_KNOWN, challenge, metadata_document, metadata_path, metadata_url
 from gateway.policy import Action, PolicyEngine, PolicyError, build_input
+from gateway.reload import Reloader
 from gateway.profiles import Profile, load_profile
 from gateway.exchange import ExchangeError, TokenExchanger
 from gateway.idp import IssuerMetadata
@@ -62,11 +64,11 @@ class Gateway:
     metadata_url: str
     decisions: DecisionLog
     verified_cache: VerifiedTokenCache
+    metrics: Metrics
     shadow: PolicyEngine | None = None
-    metrics: Metrics = field(init=False)
 
     def __post_init__(self) -> None:
-        self.metrics = Metrics(self._cache_counts)
+        self.metrics.cache_sources = self._cache_counts
 
     def _cache_counts(self) -> dict[str, tuple[int, int]]:
         counts = {"verified_tokens": (self.verified_cache.hits, self.verified_cache.misses)}
@@ -75,7 +77,8 @@ class Gateway:
         return counts
 
     @classmethod
-    def build(cls, settings: Settings) -> Gateway:
+    def build(cls, settings: Settings, previous: Gateway | None = None) -> Gateway:
+        """Everything from the config; on reload, `previous` lends its upstream pool, log and metrics."""
         cfg = settings.config
         profile = load_profile(cfg.profile, settings.base_dir, resource=cfg.resource, public_url=cfg.public_url)
         engine = build_engine(settings)
@@ -107,22 +110,30 @@ class Gateway:
             jwks=jwks,
             exchanger=exchanger,
             idp_http=idp_http,
-            upstream=UpstreamClient(cfg.upstream),
+            upstream=previous.upstream if previous else UpstreamClient(cfg.upstream),
             metadata_url=metadata_url(cfg.public_url, cfg.mcp_path),
-            decisions=DecisionLog(cfg.decision_log),
+            decisions=previous.decisions if previous else DecisionLog(cfg.decision_log),
             verified_cache=verified,
+            metrics=previous.metrics if previous else Metrics(),
             shadow=build_shadow_engine(settings),
         )
+
+    async def start(self) -> None:
+        if self.jwks is not None and not await self.jwks.refresh(force=True):
+            log.warning("the issuer's keys could not be loaded; /readyz stays 503 until they are")
+        await self.engine.start()
 
     @property
     def keys_ready(self) -> bool:
         return self.jwks is None or self.jwks.loaded
 
-    async def aclose(self) -> None:
-        self.decisions.close()
+    async def aclose(self, *, shared: bool = True) -> None:
+        """Close what this gateway owns; `shared=False` keeps what a reloaded successor reuses."""
         await self.engine.aclose()
-        await self.upstream.aclose()
         await self.idp_http.aclose()
+        if shared:
+            self.decisions.close()
+            await self.upstream.aclose()
 
 
 def refusal(
@@ -332,35 +343,40 @@ def create_app(settings: Settings) -> Litestar:
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        if gateway.jwks is not None and not await gateway.jwks.refresh(force=True):
-            log.warning("the issuer's keys could not be loaded at start-up; /readyz stays 503 until they are")
-        await gateway.engine.start()
+        await app.state.gateway.start()
+        reloader = Reloader(app.state, settings, Gateway.build)
+        watcher = asyncio.create_task(reloader.watch()) if cfg.reload.watch else None
+        reloader.listen_for_sighup()
         try:
             yield
         finally:
-            await gateway.aclose()
+            if watcher is not None:
+                watcher.cancel()
+            await reloader.aclose()
+            await app.state.gateway.aclose()
 
     @get("/healthz", sync_to_thread=False)
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
     @get("/readyz")
-    async def readyz() -> Response[dict[str, Any]]:
+    async def readyz(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
+        gateway: Gateway = request.app.state.gateway
         if gateway.jwks is not None and not gateway.jwks.loaded:
             await gateway.jwks.refresh()
         checks = {"jwks": gateway.keys_ready, "policy": await gateway.engine.ready()}
         ready = all(checks.values())
         return Response({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
-    document = metadata_document(resource=cfg.resource, issuer=gateway.profile.issuer, scopes=gateway.profile.scopes_supported)
-
     @get([metadata_path(cfg.mcp_path), WELL_KNOWN], sync_to_thread=False)
-    def protected_resource_metadata() -> Response[dict[str, Any]]:
+    def protected_resource_metadata(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
+        profile = request.app.state.gateway.profile  # follows profile reloads
+        document = metadata_document(resource=cfg.resource, issuer=profile.issuer, scopes=profile.scopes_supported)
         return Response(document, headers={"Access-Control-Allow-Origin": "*", "Cache-Control": "max-age=300"})
 
     @get("/metrics", sync_to_thread=False)
-    def metrics() -> Response[bytes]:
-        return Response(gateway.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+    def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
+        return Response(request.app.state.gateway.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     mcp_route = route(cfg.mcp_path, http_method=["POST", "GET", "DELETE"], request_max_body_size=None)(handle_mcp)
 

@@ -75,6 +75,12 @@ class Caches(Strict):
     jwks_max_age: float = pydantic.Field(3600.0, gt=0)
 
 
+class Reload(Strict):
+    #: watch the policy bundle (and shadow) and the profile file; SIGHUP reloads too
+    watch: bool = True
+    interval: float = pydantic.Field(1.0, gt=0)
+
+
 class GatewayConfig(Strict):
     public_url: str
     mcp_path: str = "/mcp"
@@ -86,6 +92,7 @@ class GatewayConfig(Strict):
     allowed_origins: tuple[str, ...] = ()
     limits: Limits = Limits()
     caches: Caches = Caches()
+    reload: Reload = Reload()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     #: one JSON line per decision: "-" stdout, a file path (appended), "" off
     decision_log: str = "-"

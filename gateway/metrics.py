@@ -20,21 +20,23 @@ BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
 
 
 class _CacheCollector:
-    """Exposes hit/miss counts that the caches keep themselves."""
+    """Exposes hit/miss counts that the caches keep themselves (of the gateway serving now)."""
 
-    def __init__(self, sources: Callable[[], dict[str, tuple[int, int]]]) -> None:
-        self._sources = sources
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily("mcp_gateway_cache_lookups", "Cache lookups by cache and result", labels=["cache", "result"])
-        for name, (hits, misses) in self._sources().items():
+        for name, (hits, misses) in self._metrics.cache_sources().items():
             family.add_metric([name, "hit"], hits)
             family.add_metric([name, "miss"], misses)
         yield family
 
 
 class Metrics:
-    def __init__(self, cache_sources: Callable[[], dict[str, tuple[int, int]]]) -> None:
+    def __init__(self) -> None:
+        #: set by the gateway that serves; a reload points it at the new gateway's caches
+        self.cache_sources: Callable[[], dict[str, tuple[int, int]]] = dict
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "mcp_gateway_requests", "Requests on the MCP endpoint by outcome", ["action", "reason"], registry=self.registry
@@ -50,7 +52,7 @@ class Metrics:
         self.shadow = Counter(
             "mcp_gateway_shadow_decisions", "Shadow policy evaluations by outcome", ["outcome"], registry=self.registry
         )  # outcome: agree | disagree | error
-        self.registry.register(_CacheCollector(cache_sources))  # type: ignore[arg-type]
+        self.registry.register(_CacheCollector(self))  # type: ignore[arg-type]
 
     @contextmanager
     def timed(self, step: str) -> Iterator[None]:
