@@ -18,7 +18,7 @@ import httpx
 
 from gateway.idp import DiscoveryError, IssuerMetadata, client_authentication
 from gateway.profiles import Profile
-from gateway.tokens import MAX_TOKEN_BYTES, TokenError, VerifiedToken, VerifiedTokenCache, normalise_claims, token_hash
+from gateway.tokens import TokenError, VerifiedToken, VerifiedTokenCache, cached_lookup, normalise_claims
 
 log = logging.getLogger("gateway.introspection")
 INACTIVE_TTL = 10.0
@@ -45,10 +45,7 @@ class IntrospectionVerifier:
         self.requests = 0
 
     async def verify(self, raw: str) -> VerifiedToken:
-        if len(raw) > MAX_TOKEN_BYTES:
-            raise TokenError("malformed_token", "the token is too large")
-        digest = token_hash(raw)
-        cached = self._cache.get(digest)
+        digest, cached = cached_lookup(self._cache, raw)
         if cached is not None:
             return cached
         now = self._clock()

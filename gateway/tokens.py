@@ -212,6 +212,14 @@ class VerifiedTokenCache:
             self._items.popitem(last=False)
 
 
+def cached_lookup(cache: VerifiedTokenCache, raw: str) -> tuple[str, VerifiedToken | None]:
+    """The first steps of every verifier: bound the size, hash, ask the verified-token cache."""
+    if len(raw) > MAX_TOKEN_BYTES:
+        raise TokenError("malformed_token", "the token is too large")
+    digest = token_hash(raw)
+    return digest, cache.get(digest)
+
+
 def _first_claim(claims: dict[str, Any], names: tuple[str, ...]) -> Any:
     for name in names:
         if name in claims:
@@ -267,10 +275,7 @@ class JwtVerifier:
         return self._jwks.loaded
 
     async def verify(self, raw: str) -> VerifiedToken:
-        if len(raw) > MAX_TOKEN_BYTES:
-            raise TokenError("malformed_token", "the token is too large")
-        digest = token_hash(raw)
-        cached = self._cache.get(digest)
+        digest, cached = cached_lookup(self._cache, raw)
         if cached is not None:
             return cached
         parts = raw.split(".")

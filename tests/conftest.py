@@ -305,20 +305,21 @@ def _start_idp(shape: str, log_dir: Path) -> OpenIdProvider:
     return OpenIdProvider(shape=shape, base=base, issuer=issuer, proc=proc)
 
 
-@pytest.fixture(scope="session")
-def keycloak_idp(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    idp = _start_idp("keycloak", tmp_path_factory.mktemp("idp"))
+def _running_idp(tmp_path_factory: pytest.TempPathFactory, shape: str) -> Any:
+    idp = _start_idp(shape, tmp_path_factory.mktemp("idp"))
     yield idp
     idp.proc.terminate()
     idp.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def keycloak_idp(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    yield from _running_idp(tmp_path_factory, "keycloak")
 
 
 @pytest.fixture(scope="session")
 def nextcloud_idp(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    idp = _start_idp("nextcloud", tmp_path_factory.mktemp("idp"))
-    yield idp
-    idp.proc.terminate()
-    idp.proc.wait(10)
+    yield from _running_idp(tmp_path_factory, "nextcloud")
 
 
 @pytest.fixture(scope="session")
