@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import sys
 from pathlib import Path
 
 import uvicorn
@@ -95,4 +94,4 @@ Try it:
 
 Without the token you get 401 and a WWW-Authenticate header pointing at the metadata:
   curl -si {mcp_url} -H 'Content-Type: application/json' -d '{body}'
-""".rstrip() + "\n" + ("" if sys.stdout.isatty() else "")
+""".rstrip() + "\n"

@@ -148,6 +148,8 @@ class Profile(Strict):
     scopes_supported: tuple[str, ...] = ()
 
     _none = pydantic.field_validator("discovery_url", "jwks_uri", mode="before")(_empty_to_none)
+    #: policy_view() is built once: it is part of every request's policy input
+    _view: dict[str, Any] | None = pydantic.PrivateAttr(default=None)
 
     @pydantic.field_validator("issuer")
     @classmethod
@@ -181,10 +183,17 @@ class Profile(Strict):
         rules = self.audience.model_copy(
             update={"accept": fill(self.audience.accept), "reject": fill(self.audience.reject)}
         )
-        return self.model_copy(update={"audience": rules})
+        bound = self.model_copy(update={"audience": rules})
+        bound._view = None  # a view built before binding would show the unfilled placeholders
+        return bound
 
     def policy_view(self) -> dict[str, Any]:
-        """What the policy sees as `input.profile`: rules and mode, never secrets."""
+        """What the policy sees as `input.profile`: rules and mode, never secrets (built once)."""
+        if self._view is None:
+            self._view = self._build_view()
+        return self._view
+
+    def _build_view(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "issuer": self.issuer,

@@ -270,10 +270,6 @@ class JwtVerifier:
         self._algorithms = frozenset(profile.jwt.algorithms)
         self._typ = frozenset(t.lower() for t in profile.jwt.typ)
 
-    @property
-    def ready(self) -> bool:
-        return self._jwks.loaded
-
     async def verify(self, raw: str) -> VerifiedToken:
         digest, cached = cached_lookup(self._cache, raw)
         if cached is not None:
