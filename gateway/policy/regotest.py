@@ -63,10 +63,20 @@ def run_tests(bundle: Bundle) -> TestReport:
         it = compile_interpreter(bundle.modules, bundle.data)
     except Exception as exc:
         return TestReport(results=(), error=f"the bundle does not compile: {exc}")
+    tests = discover_tests(bundle)
+    # One build for every test (a plain query() recompiles the bundle each time).
+    entrypoints = [ref.removeprefix("data.").replace(".", "/") for _, ref in tests]
+    try:
+        compiled = it.build(None, entrypoints) if entrypoints else None
+    except Exception:
+        compiled = None
+    if compiled is not None and not compiled.ok():
+        compiled = None
     results = []
-    for module, ref in discover_tests(bundle):
+    for (module, ref), entrypoint in zip(tests, entrypoints):
         try:
-            value = first_value(it.query(ref))
+            output = it.query_bundle_entrypoint(compiled, entrypoint) if compiled is not None else it.query(ref)
+            value = first_value(output)
             passed, detail = value is True, "" if value is True else f"evaluated to {value!r}"
         except PolicyError as exc:
             passed, detail = False, str(exc)
