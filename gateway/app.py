@@ -23,12 +23,14 @@ from litestar.response import Stream
 from gateway import jsonrpc
 from gateway.audit import DecisionLog, DecisionRecord
 from gateway.config import Settings
-from gateway.engines import build_engine, build_shadow_engine
+from gateway.engines import build_engine, build_shadow_engine, load_live_bundle
+from gateway.listings import Listing, filter_answer, listing_for
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import Metrics
 from gateway.messages import McpInputError, McpRequest, parse_post, parse_stream_request
 from gateway.metadata import WELL_KNOWN, challenge, metadata_document, metadata_path, metadata_url
-from gateway.policy import Action, PolicyEngine, PolicyError, build_input
+from gateway.policy import Action, Decision, PolicyEngine, PolicyError, build_input
+from gateway.policy.bundle import DeclaredScopes
 from gateway.reload import Reloader
 from gateway.profiles import Profile, load_profile
 from gateway.exchange import ExchangeError, TokenExchanger
@@ -43,7 +45,9 @@ from gateway.tokens import (
     VerifiedTokenCache,
     bearer_token,
 )
-from gateway.upstream import UpstreamClient, UpstreamError, forwarded_headers
+from gateway.jsonrpc import Refusal
+from gateway.sessions import Owner, SessionBinding, SessionNotFound, build_session_store
+from gateway.upstream import UpstreamAnswer, UpstreamClient, UpstreamError, forwarded_headers
 
 log = logging.getLogger("gateway")
 audit = logging.getLogger("gateway.audit")
@@ -65,6 +69,8 @@ class Gateway:
     decisions: DecisionLog
     verified_cache: VerifiedTokenCache
     metrics: Metrics
+    sessions: SessionBinding
+    scopes: DeclaredScopes
     shadow: PolicyEngine | None = None
 
     def __post_init__(self) -> None:
@@ -81,7 +87,8 @@ class Gateway:
         """Everything from the config; on reload, `previous` lends its upstream pool, log and metrics."""
         cfg = settings.config
         profile = load_profile(cfg.profile, settings.base_dir, resource=cfg.resource, public_url=cfg.public_url)
-        engine = build_engine(settings)
+        bundle = load_live_bundle(settings)
+        engine = build_engine(settings, bundle)
         idp_http = httpx.AsyncClient(timeout=httpx.Timeout(5.0), follow_redirects=False, trust_env=False)
         issuer = IssuerMetadata(profile, idp_http)
         verified = VerifiedTokenCache(cfg.caches.verified_tokens)
@@ -115,8 +122,15 @@ class Gateway:
             decisions=previous.decisions if previous else DecisionLog(cfg.decision_log),
             verified_cache=verified,
             metrics=previous.metrics if previous else Metrics(),
+            sessions=previous.sessions if previous else SessionBinding(build_session_store(cfg.sessions)),
+            scopes=DeclaredScopes.from_data(bundle.data),
             shadow=build_shadow_engine(settings),
         )
+
+    @property
+    def scopes_supported(self) -> tuple[str, ...]:
+        """RFC 9728 `scopes_supported`: the profile's, then every scope the policy data names."""
+        return tuple(dict.fromkeys((*self.profile.scopes_supported, *self.scopes.supported)))
 
     async def start(self) -> None:
         if self.jwks is not None and not await self.jwks.refresh(force=True):
@@ -134,6 +148,7 @@ class Gateway:
         if shared:
             self.decisions.close()
             await self.upstream.aclose()
+            await self.sessions.store.aclose()
 
 
 def refusal(
@@ -205,7 +220,7 @@ async def request_path(gw: Gateway, request: Request[Any, Any, Any], record: Dec
     try:
         raw_token = bearer_token(headers.get("authorization"))
         if raw_token is None:
-            www = challenge(gw.metadata_url)
+            www = challenge(gw.metadata_url, scope=gw.scopes.initial)
             return refuse(record, 401, "missing_token", "a bearer token is required", www_authenticate=www)
         with gw.metrics.timed("verify"):
             token = await gw.verifier.verify(raw_token)
@@ -222,6 +237,18 @@ async def request_path(gw: Gateway, request: Request[Any, Any, Any], record: Dec
             mcp = parse_stream_request(request.method, headers)
     except McpInputError as exc:
         return refuse(record, exc.status, exc.reason, exc.message, request_id=exc.request_id, code=exc.code)
+
+    # 2b. A session id is only honoured for the user who opened it.
+    record.stage = "session"
+    owner = Owner(token.issuer, token.subject or f"client:{token.client_id}")
+    try:
+        await gw.sessions.check(mcp.session_id, owner)
+    except SessionNotFound as exc:
+        refused = refuse(record, exc.status, exc.reason, exc.message, request_id=mcp.id)
+        record.result["detail"] = exc.detail
+        return refused
+    except Refusal as exc:
+        return refuse(record, exc.status, exc.reason, exc.message, request_id=mcp.id)
 
     # 3. Ask the policy.
     record.stage = "policy"
@@ -273,7 +300,22 @@ async def request_path(gw: Gateway, request: Request[Any, Any, Any], record: Dec
             return refusal(exc.status, exc.reason, exc.message, request_id=mcp.id)
         bearer = exchanged.access_token  # the client's token goes no further
     record.stage = "upstream"
-    return await _forward(gw, record, mcp, headers, bearer)
+    try:
+        answer = await _forward(gw, mcp, headers, bearer)
+    except UpstreamError as exc:
+        return refusal(exc.status, exc.reason, exc.message, request_id=mcp.id)
+    record.stage, record.upstream_status = "done", answer.status
+    try:
+        # 5. Bind a new session to its user; forget an ended one.
+        await _track_session(gw, mcp, answer, owner)
+
+        # 6. A listing shows only what the caller may use (one policy evaluation per page).
+        if (listing := listing_for(mcp.method, mcp.kind)) is not None and answer.status == 200:
+            answer = await filter_answer(answer, listing, mcp.id, _visible_names(gw, policy_input))
+    except Refusal as exc:
+        await answer.discard()
+        return refusal(exc.status, exc.reason, exc.message, request_id=mcp.id)
+    return _relay(answer)
 
 
 async def _compare_shadow(gw: Gateway, record: DecisionRecord, policy_input: dict[str, Any]) -> None:
@@ -319,18 +361,45 @@ def _policy_refusal(gw: Gateway, status: int, reason: str, scopes: tuple[str, ..
     return refusal(status, reason, message, request_id=mcp.id, www_authenticate=www)
 
 
-async def _forward(gw: Gateway, record: DecisionRecord, mcp: McpRequest, headers: dict[str, str], bearer: str) -> Response[Any]:
+async def _forward(gw: Gateway, mcp: McpRequest, headers: dict[str, str], bearer: str) -> UpstreamAnswer:
     cfg = gw.settings.config
-    try:
-        with gw.metrics.timed("upstream"):  # until the answer's headers (SSE bodies stream on)
-            answer = await gw.upstream.send(
-                method=mcp.http_method,
-                headers=forwarded_headers(headers, cfg.upstream.forward_headers, bearer),
-                body=mcp.body,
-            )
-    except UpstreamError as exc:
-        return refusal(exc.status, exc.reason, exc.message, request_id=mcp.id)
-    record.stage, record.upstream_status = "done", answer.status
+    with gw.metrics.timed("upstream"):  # until the answer's headers (SSE bodies stream on)
+        return await gw.upstream.send(
+            method=mcp.http_method,
+            headers=forwarded_headers(headers, cfg.upstream.forward_headers, bearer),
+            body=mcp.body,
+        )
+
+
+async def _track_session(gw: Gateway, mcp: McpRequest, answer: UpstreamAnswer, owner: Owner) -> None:
+    if mcp.method == "initialize" and answer.status == 200:
+        session_id = next((v for k, v in answer.headers if k.lower() == "mcp-session-id"), None)
+        if session_id is not None:
+            await gw.sessions.opened(session_id, owner)
+    elif mcp.http_method == "DELETE" and mcp.session_id is not None and 200 <= answer.status < 300:
+        await gw.sessions.closed(mcp.session_id)
+
+
+def _visible_names(gw: Gateway, policy_input: dict[str, Any]) -> Any:
+    """The listing's policy question: the same input plus every candidate name, asked once."""
+
+    async def visible(listing: Listing, names: list[str]) -> frozenset[str]:
+        listing_input = {**policy_input, "listing": {"catalogue": listing.catalogue, "names": names}}
+        try:
+            with gw.metrics.timed("listing"):
+                decision: Decision = await gw.engine.decide(listing_input)
+        except PolicyError as exc:
+            log.error("policy error while filtering %s, listing refused: %s", listing.method, exc)
+            raise Refusal(503, exc.reason, "the authorization policy could not filter the listing") from None
+        if decision.action is Action.REJECT or decision.visible is None:
+            log.warning("the policy gave no visible set for %s; every item hidden", listing.method)
+            return frozenset()
+        return decision.visible
+
+    return visible
+
+
+def _relay(answer: UpstreamAnswer) -> Response[Any]:
     if answer.stream is not None:
         return Stream(answer.stream, status_code=answer.status, headers=dict(answer.headers), media_type=answer.media_type)
     return Response(answer.body, status_code=answer.status, headers=dict(answer.headers), media_type=answer.media_type)
@@ -364,14 +433,18 @@ def create_app(settings: Settings) -> Litestar:
         gateway: Gateway = request.app.state.gateway
         if gateway.jwks is not None and not gateway.jwks.loaded:
             await gateway.jwks.refresh()
-        checks = {"jwks": gateway.keys_ready, "policy": await gateway.engine.ready()}
+        checks = {
+            "jwks": gateway.keys_ready,
+            "policy": await gateway.engine.ready(),
+            "sessions": await gateway.sessions.store.ready(),
+        }
         ready = all(checks.values())
         return Response({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
     @get([metadata_path(cfg.mcp_path), WELL_KNOWN], sync_to_thread=False)
     def protected_resource_metadata(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
-        profile = request.app.state.gateway.profile  # follows profile reloads
-        document = metadata_document(resource=cfg.resource, issuer=profile.issuer, scopes=profile.scopes_supported)
+        gateway = request.app.state.gateway  # follows profile and policy reloads
+        document = metadata_document(resource=cfg.resource, issuer=gateway.profile.issuer, scopes=gateway.scopes_supported)
         return Response(document, headers={"Access-Control-Allow-Origin": "*", "Cache-Control": "max-age=300"})
 
     @get("/metrics", sync_to_thread=False)

@@ -60,6 +60,9 @@ class PolicyConfig(Strict):
     #: a second bundle evaluated beside the live one (embedded engine); disagreements are
     #: logged and counted, never acted on
     shadow: str | None = None
+    #: extra data files (JSON/YAML) merged at the root of the bundle's data, as
+    #: `opa run BUNDLE FILE` does: the per-tool rules (data.authz) live in one
+    data: tuple[str, ...] = ()
 
 
 class Limits(Strict):
@@ -73,6 +76,26 @@ class Caches(Strict):
     #: a token whose `kid` is unknown triggers at most one JWKS refetch per this many seconds
     jwks_refetch_interval: float = pydantic.Field(10.0, ge=0)
     jwks_max_age: float = pydantic.Field(3600.0, gt=0)
+
+
+class Sessions(Strict):
+    """Where `Mcp-Session-Id` → (iss, sub) bindings live (gateway/sessions.py)."""
+
+    #: memory: this process only; redis: shared by every replica pointing at `url`
+    store: Literal["memory", "redis"] = "memory"
+    url: str | None = None
+    #: seconds a binding lives after its last use
+    ttl: float = pydantic.Field(86_400.0, gt=0)
+    max_entries: int = pydantic.Field(100_000, ge=1)
+    key_prefix: str = "mcp-gateway:session:"
+    #: seconds a Redis command may take before the request is refused (503)
+    timeout: float = pydantic.Field(1.0, gt=0)
+
+    @pydantic.model_validator(mode="after")
+    def _redis_needs_url(self) -> Sessions:
+        if self.store == "redis" and not self.url:
+            raise ValueError("store: redis needs url (redis://host:port/db)")
+        return self
 
 
 class Reload(Strict):
@@ -93,6 +116,7 @@ class GatewayConfig(Strict):
     limits: Limits = Limits()
     caches: Caches = Caches()
     reload: Reload = Reload()
+    sessions: Sessions = Sessions()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     #: one JSON line per decision: "-" stdout, a file path (appended), "" off
     decision_log: str = "-"
@@ -134,6 +158,7 @@ class Settings(pydantic.BaseModel):
     path: Path
     bundle_dir: Path
     shadow_dir: Path | None = None
+    data_files: tuple[Path, ...] = ()
 
     @property
     def base_dir(self) -> Path:
@@ -162,4 +187,10 @@ def load_config(path: Path) -> Settings:
         shadow = shadow if shadow.is_absolute() else (path.parent / shadow).resolve()
         if not shadow.is_dir():
             raise ConfigError(f"{path.name}: policy.shadow: directory {shadow} does not exist")
-    return Settings(config=config, path=path, bundle_dir=bundle, shadow_dir=shadow)
+    data_files = []
+    for entry in config.policy.data:
+        data_file = Path(entry) if Path(entry).is_absolute() else (path.parent / entry).resolve()
+        if not data_file.is_file():
+            raise ConfigError(f"{path.name}: policy.data: file {data_file} does not exist")
+        data_files.append(data_file)
+    return Settings(config=config, path=path, bundle_dir=bundle, shadow_dir=shadow, data_files=tuple(data_files))

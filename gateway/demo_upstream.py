@@ -28,9 +28,9 @@ def build_notes_server(name: str = "notes") -> MCPServer:
             raise ValueError(f"no note {id}")
         return notes[id]
 
-    @server.tool(description="Create a note; returns its id.")
-    def create_note(title: str, body: str = "") -> dict[str, Any]:
-        note = {"id": next(ids), "title": title, "body": body}
+    @server.tool(description="Create a note in a folder (path); returns its id.")
+    def create_note(title: str, body: str = "", path: str = "/") -> dict[str, Any]:
+        note = {"id": next(ids), "title": title, "body": body, "path": path}
         notes[note["id"]] = note
         return {"id": note["id"]}
 
@@ -39,6 +39,27 @@ def build_notes_server(name: str = "notes") -> MCPServer:
         if notes.pop(id, None) is None:
             raise ValueError(f"no note {id}")
         return f"deleted {id}"
+
+    @server.tool(description="Delete every note (an administrator's tool).")
+    def purge_notes() -> str:
+        count = len(notes)
+        notes.clear()
+        return f"purged {count}"
+
+    @server.resource("notes://index", description="Every note's id and title.")
+    def index() -> str:
+        return "\n".join(f"{n['id']}: {n['title']}" for n in notes.values())
+
+    @server.resource("notes://{id}", description="One note's body.")
+    def note_body(id: str) -> str:
+        note = notes.get(int(id)) if id.isdigit() else None
+        if note is None:
+            raise ValueError(f"no note {id}")
+        return note["body"]
+
+    @server.prompt(description="Ask for a summary of every note.")
+    def summarize_notes() -> str:
+        return "Summarize these notes:\n" + "\n".join(n["title"] for n in notes.values())
 
     @server.tool(description="Count to n, reporting progress as it goes (shows SSE streaming).")
     async def count(n: int, ctx: Context) -> str:

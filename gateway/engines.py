@@ -4,23 +4,28 @@ from __future__ import annotations
 
 from gateway.config import Settings
 from gateway.policy import PolicyEngine, PolicyError
-from gateway.policy.bundle import load_bundle
+from gateway.policy.bundle import Bundle, load_bundle
 from gateway.policy.embedded import EmbeddedEngine
 from gateway.policy.opa import OpaEngine
 
 
-def build_engine(settings: Settings) -> PolicyEngine:
+def build_engine(settings: Settings, bundle: Bundle | None = None) -> PolicyEngine:
+    """The configured engine; the embedded one compiles `bundle` (read from disk if not given)."""
     policy = settings.config.policy
     if policy.engine == "embedded":
-        return EmbeddedEngine(load_bundle(settings.bundle_dir), policy.entrypoint)
+        return EmbeddedEngine(bundle or load_live_bundle(settings), policy.entrypoint)
     if policy.engine == "opa":
         assert policy.opa_url is not None  # the config model requires it
         return OpaEngine(policy.opa_url, policy.entrypoint, timeout=policy.timeout)
     raise PolicyError(f"policy.engine {policy.engine!r} is not known")
 
 
+def load_live_bundle(settings: Settings) -> Bundle:
+    return load_bundle(settings.bundle_dir, settings.data_files)
+
+
 def build_shadow_engine(settings: Settings) -> EmbeddedEngine | None:
-    """The shadow bundle, compiled like the live one, or None when none is configured."""
+    """The shadow bundle (with the same extra data files), or None when none is configured."""
     if settings.shadow_dir is None:
         return None
-    return EmbeddedEngine(load_bundle(settings.shadow_dir), settings.config.policy.entrypoint)
+    return EmbeddedEngine(load_bundle(settings.shadow_dir, settings.data_files), settings.config.policy.entrypoint)

@@ -44,7 +44,7 @@ class Metrics:
         self.step_seconds = Histogram(
             "mcp_gateway_step_seconds",
             "Time spent per step of the request path",
-            ["step"],  # verify | policy | exchange | upstream
+            ["step"],  # verify | policy | exchange | upstream | listing
             buckets=BUCKETS,
             registry=self.registry,
         )

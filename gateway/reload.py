@@ -41,6 +41,7 @@ class Reloader:
         for root in (self._settings.bundle_dir, self._settings.shadow_dir):
             if root is not None and root.is_dir():
                 files += [p for p in root.rglob("*") if p.is_file()]
+        files += list(self._settings.data_files)
         try:
             files.append(profile_path(cfg.profile, self._settings.base_dir))
         except Exception:  # an unknown shipped name was refused at start-up already

@@ -56,6 +56,12 @@ class UpstreamAnswer:
     body: bytes | None
     stream: AsyncIterator[bytes] | None
 
+    async def discard(self) -> None:
+        """Release the upstream connection of an answer that will not be relayed."""
+        close = getattr(self.stream, "aclose", None)
+        if close is not None:
+            await close()
+
 
 def forwarded_headers(client_headers: dict[str, str], extra: tuple[str, ...], bearer: str) -> dict[str, str]:
     out = {

@@ -2,7 +2,8 @@
 #
 # Input and output are documented in docs/policy.md. The token has already been
 # verified (signature, issuer, expiry) before this runs; this policy applies the
-# profile's audience rules and turns the profile's mode into an action.
+# profile's audience rules, the per-name rules of tools.rego (data.authz), and turns
+# the profile's mode into an action.
 package mcp.gateway
 
 default decision := {"action": "reject", "reason": "no_rule_matched", "status": 403}
@@ -12,7 +13,13 @@ decision := reject(problem, 401) if {
 	problem := audience_problem
 } else := reject("unknown_message_kind", 400) if {
 	not known_request
-} else := allow
+} else := reject(problem, 403) if {
+	problem := catalogue_problem
+} else := step_up if {
+	count(missing) > 0
+} else := reject(problem, 403) if {
+	problem := argument_problem
+} else := with_listing(allow)
 
 allow := {"action": "accept", "reason": "allowed"} if {
 	input.profile.mode == "passthrough"

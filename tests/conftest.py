@@ -182,9 +182,13 @@ class GatewayFactory:
         config: dict[str, Any] | None = None,
         env: dict[str, str] | None = None,
         policy_bundle: Path | None = None,
+        replica: str = "",
     ) -> GatewayProcess:
-        """A gateway process; `profile` is profile data, or a shipped profile's name (then `env` feeds it)."""
-        key = json.dumps([profile, upstream_url, config, env, str(policy_bundle)], sort_keys=True)
+        """A gateway process; `profile` is profile data, or a shipped profile's name (then `env` feeds it).
+
+        The same arguments give the same running process; another `replica` name starts another one.
+        """
+        key = json.dumps([profile, upstream_url, config, env, str(policy_bundle), replica], sort_keys=True)
         if key in self.running and self.running[key].proc.poll() is None:
             return self.running[key]
         port = free_port()
@@ -378,3 +382,50 @@ def opa_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     server = start_opa(ROOT / "policies", tmp_path_factory.mktemp("opa"))
     yield server
     server.stop()
+
+
+# --- A real Redis (scripts/test.sh installs redis-server) ---------------------------------
+
+
+@dataclass
+class RedisServer:
+    url: str
+    port: int
+    proc: subprocess.Popen[Any]
+
+    def command(self, *args: str) -> str:
+        """One command as RESP over a plain socket (for assertions; no client library)."""
+        payload = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            s.sendall(payload.encode())
+            return s.recv(65536).decode(errors="replace")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    import shutil
+
+    binary = os.environ.get("REDIS_SERVER_BIN") or shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not Path(binary).exists():
+        pytest.fail("redis-server is not installed: scripts/test.sh installs it (apt-get install redis-server)")
+    port = free_port()
+    data_dir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(data_dir)],
+        stdout=open(data_dir / "redis.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
+    server = RedisServer(url=f"redis://127.0.0.1:{port}/0", port=port, proc=proc)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            if "PONG" in server.command("PING"):
+                break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"redis-server did not start: {(data_dir / 'redis.log').read_text()}")
+        time.sleep(0.05)
+    yield server
+    proc.terminate()
+    proc.wait(10)

@@ -49,6 +49,8 @@ class Decision:
     status: int | None = None
     scopes: tuple[str, ...] = ()
     audience: tuple[str, ...] = ()
+    #: for a listing input: the names the caller may see (None: the policy said nothing)
+    visible: frozenset[str] | None = None
 
     @classmethod
     def from_output(cls, value: Any) -> Decision:
@@ -71,6 +73,7 @@ class Decision:
             status=status,
             scopes=_strings(value.get("scopes"), "scopes"),
             audience=_strings(value.get("audience"), "audience"),
+            visible=frozenset(_strings(value["visible"], "visible")) if "visible" in value else None,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -81,6 +84,8 @@ class Decision:
             out["scopes"] = list(self.scopes)
         if self.audience:
             out["audience"] = list(self.audience)
+        if self.visible is not None:
+            out["visible"] = sorted(self.visible)
         return out
 
 

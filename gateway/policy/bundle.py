@@ -45,8 +45,18 @@ def _merge(into: dict[str, Any], path: tuple[str, ...], value: Any, where: str) 
             node[k] = v
 
 
-def load_bundle(root: Path) -> Bundle:
-    """Read every .rego and data file under `root` (hidden directories skipped)."""
+def _read_data(path: Path, rel: str) -> Any:
+    if path.suffix == ".json":
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise ConfigError(f"{rel}: not valid JSON: {exc}") from None
+    return load_yaml(path)
+
+
+def load_bundle(root: Path, extra_data: tuple[Path, ...] = ()) -> Bundle:
+    """Read every .rego and data file under `root` (hidden directories skipped), then
+    `extra_data` files merged at the data root."""
     if not root.is_dir():
         raise ConfigError(f"policy bundle {root} is not a directory")
     modules: dict[str, str] = {}
@@ -58,14 +68,38 @@ def load_bundle(root: Path) -> Bundle:
         if path.suffix == ".rego":
             modules[str(rel)] = path.read_text(encoding="utf-8")
         elif path.suffix in DATA_SUFFIXES:
-            if path.suffix == ".json":
-                try:
-                    value = json.loads(path.read_text(encoding="utf-8"))
-                except ValueError as exc:
-                    raise ConfigError(f"{rel}: not valid JSON: {exc}") from None
-            else:
-                value = load_yaml(path)
+            value = _read_data(path, str(rel))
             _merge(data, rel.parent.parts, value if value is not None else {}, str(rel))
+    for path in extra_data:
+        value = _read_data(path, str(path))
+        _merge(data, (), value if value is not None else {}, str(path))
     if not any(not k.endswith("_test.rego") for k in modules):
         raise ConfigError(f"policy bundle {root} has no .rego policy module")
     return Bundle(root=root, modules=modules, data=data)
+
+
+@dataclass(frozen=True)
+class DeclaredScopes:
+    """What the bundle's data.authz says about scopes, for metadata and challenges.
+
+    `supported` (RFC 9728 `scopes_supported`) is every scope a rule names; `initial` is
+    what a 401 asks a client for first (`authz.initial_scopes`), so a client starts
+    small and steps up. Read from the data, never written a second time in a profile.
+    """
+
+    supported: tuple[str, ...] = ()
+    initial: tuple[str, ...] = ()
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any]) -> DeclaredScopes:
+        authz = data.get("authz")
+        if not isinstance(authz, dict):
+            return cls()
+        initial = tuple(s for s in authz.get("initial_scopes", []) if isinstance(s, str))
+        found: list[str] = list(initial)
+        for catalogue in ("tools", "resources", "prompts"):
+            rules = authz.get(catalogue)
+            for rule in rules.values() if isinstance(rules, dict) else ():
+                scopes = rule.get("scopes", []) if isinstance(rule, dict) else []
+                found.extend(s for s in scopes if isinstance(s, str))
+        return cls(supported=tuple(dict.fromkeys(found)), initial=initial)

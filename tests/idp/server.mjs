@@ -14,6 +14,10 @@
 // No browser login here: tokens for a user come from a test-only grant type
 // (urn:test:grant-type:user, a confidential client names the subject), which mints them
 // through the provider's own AccessToken model, signed with the provider's keys.
+// The authorization code flow (PKCE, RFC 8707 resource indicators) runs too, for MCP
+// clients such as the SDK's OAuthClientProvider: public client `mcp-cli`; its login and
+// consent pages are answered at once, for the user named by `login_hint`, with every
+// scope asked for (a user who always says yes).
 // Test-only admin endpoints under /test/: stats, failure modes, revocation.
 import http from 'node:http';
 import { parseArgs } from 'node:util';
@@ -45,6 +49,13 @@ let exchangeMode = 'ok'; // ok | fail500 | slow | malformed
 const provider = new Provider(issuer, {
   clients: [
     {
+      client_id: 'mcp-cli',
+      token_endpoint_auth_method: 'none',
+      grant_types: ['authorization_code', 'refresh_token'],
+      response_types: ['code'],
+      redirect_uris: ['http://127.0.0.1/callback'],
+    },
+    {
       client_id: CLIENT_ID,
       client_secret: CLIENT_SECRET,
       grant_types: [USER_GRANT, EXCHANGE_GRANT],
@@ -74,7 +85,21 @@ const provider = new Provider(issuer, {
       },
     },
     revocation: { enabled: true },
+    resourceIndicators: {
+      enabled: true,
+      defaultResource: () => undefined,
+      useGrantedResource: () => true,
+      getResourceServerInfo: (ctx, resourceIndicator) => ({
+        scope: 'notes.read notes.write notes.admin',
+        audience: resourceIndicator,
+        accessTokenTTL: 300,
+        accessTokenFormat: 'jwt',
+        jwt: { sign: { alg: 'RS256' } },
+      }),
+    },
   },
+  interactions: { url: (ctx, interaction) => `${prefix}/interaction/${interaction.uid}` },
+  pkce: { required: () => true },
   // Test-minted tokens carry their claims on the instance (`_aud`, `_extra`): see mint()
   extraTokenClaims: async (ctx, token) => token._extra,
   formats: {
@@ -223,8 +248,34 @@ async function admin(req, res, url) {
   return send(404, { error: 'not_found' });
 }
 
+// The login and consent "pages": the user named by login_hint agrees to everything asked.
+async function interaction(req, res) {
+  const details = await provider.interactionDetails(req, res);
+  const { prompt, params } = details;
+  let result;
+  if (prompt.name === 'login') {
+    result = { login: { accountId: String(params.login_hint || 'alice') } };
+  } else {
+    const grant = details.grantId
+      ? await provider.Grant.find(details.grantId)
+      : new provider.Grant({ accountId: details.session.accountId, clientId: params.client_id });
+    const missing = prompt.details;
+    if (missing.missingOIDCScope) grant.addOIDCScope(missing.missingOIDCScope.join(' '));
+    if (missing.missingOIDCClaims) grant.addOIDCClaims(missing.missingOIDCClaims);
+    for (const [indicator, scopes] of Object.entries(missing.missingResourceScopes || {})) {
+      grant.addResourceScope(indicator, scopes.join(' '));
+    }
+    result = { consent: { grantId: await grant.save() } };
+  }
+  await provider.interactionFinished(req, res, result, { mergeWithLastSubmission: true });
+}
+
 const server = http.createServer((req, res) => {
   const url = new URL(req.url, base);
+  if (url.pathname.startsWith(`${prefix}/interaction/`)) {
+    interaction(req, res).catch((err) => { res.writeHead(500); res.end(String(err)); });
+    return;
+  }
   if (url.pathname.startsWith('/test/')) {
     admin(req, res, url).catch((err) => { res.writeHead(500); res.end(String(err)); });
     return;

@@ -238,7 +238,7 @@ def test_health_and_readiness(gateway) -> None:
     assert httpx.get(gateway.base + "/healthz").json() == {"status": "ok"}
     ready = httpx.get(gateway.base + "/readyz")
     assert ready.status_code == 200
-    assert ready.json()["checks"] == {"jwks": True, "policy": True}
+    assert ready.json()["checks"] == {"jwks": True, "policy": True, "sessions": True}
 
 
 def test_tokens_never_logged(gateways, issuer, json_upstream) -> None:

@@ -1,0 +1,135 @@
+# Per-name rules for tools, resources and prompts, read from the bundle's data.
+#
+# The data (data.authz, any data file of the bundle; see docs/policy.md) maps names,
+# exact or glob, to the scopes they need and to rules on their arguments. Every entry
+# whose pattern matches a name applies. Without data.authz nothing here refuses
+# anything, so the gateway behaves as before for bundles that have no such file.
+package mcp.gateway
+
+authz := data.authz if is_object(data.authz)
+
+default authz := {}
+
+# --- What a request names ---------------------------------------------------
+
+target := {"catalogue": "tools", "name": input.mcp.tool} if input.mcp.method == "tools/call"
+
+target := {"catalogue": "resources", "name": input.mcp.resource_uri} if input.mcp.method == "resources/read"
+
+target := {"catalogue": "prompts", "name": input.mcp.prompt} if input.mcp.method == "prompts/get"
+
+# `null` delimiters: `*` matches every character (OPA's `[]` would stop at ".").
+name_matches(pattern, name) if pattern == name
+
+name_matches(pattern, name) if glob.match(pattern, null, name)
+
+# (`req := rules[pattern]` rather than `some pattern, req in rules`: regopy 1.5.2 does
+# not compile the two-variable `some ... in` inside a comprehension.)
+requirements(catalogue, name) := [req |
+	rules := object.get(authz, catalogue, {})
+	req := rules[pattern]
+	name_matches(pattern, name)
+]
+
+# A catalogue with a section in the data lists what may be used; a name no entry
+# matches is refused unless `unlisted: allow`.
+unlisted(catalogue, name) if {
+	is_object(authz[catalogue])
+	count(requirements(catalogue, name)) == 0
+	object.get(authz, "unlisted", "deny") != "allow"
+}
+
+token_scopes contains scope if some scope in input.token.scopes
+
+missing_scopes(catalogue, name) := {scope |
+	some req in requirements(catalogue, name)
+	some scope in object.get(req, "scopes", [])
+	not token_scopes[scope]
+}
+
+usable(catalogue, name) if {
+	not unlisted(catalogue, name)
+	count(missing_scopes(catalogue, name)) == 0
+}
+
+# --- The request's problems, in the order the decision checks them ----------
+
+catalogue_problem := sprintf("%s_not_listed", [trim_suffix(target.catalogue, "s")]) if {
+	unlisted(target.catalogue, target.name)
+}
+
+missing := missing_scopes(target.catalogue, target.name)
+
+arguments := input.mcp.arguments if is_object(input.mcp.arguments)
+
+default arguments := {}
+
+# Each argument rule is an object of checks; all must hold. An unknown check refuses.
+argument_problem := sprintf("argument_not_allowed: %s", [name]) if {
+	some req in requirements(target.catalogue, target.name)
+	checks := object.get(req, "arguments", {})[name]
+	not argument_ok(checks, object.get(arguments, name, null))
+}
+
+known_checks := {"optional", "prefix", "one_of", "owned_by", "max_length"}
+
+argument_ok(checks, null) if checks.optional == true
+
+argument_ok(checks, value) if {
+	value != null
+	every check in object.keys(checks) {
+		known_checks[check]
+		check_ok(check, checks[check], value)
+	}
+}
+
+check_ok("optional", _, _)
+
+# A path under a prefix ({sub} is the caller): plain ASCII, no "." or ".." segment.
+check_ok("prefix", want, value) if {
+	is_string(value)
+	startswith(value, replace(want, "{sub}", input.token.subject))
+	regex.match(`^[A-Za-z0-9._~/ -]*$`, value)
+	not regex.match(`(^|/)\.\.?(/|$)`, value)
+}
+
+check_ok("one_of", want, value) if {
+	some allowed in want
+	allowed == value
+}
+
+# The value is a key of data.authz.owners[<collection>] whose owner is the caller.
+check_ok("owned_by", collection, value) if {
+	is_scalar_key(value)
+	authz.owners[collection][sprintf("%v", [value])] == input.token.subject
+}
+
+check_ok("max_length", limit, value) if {
+	is_string(value)
+	count(value) <= limit
+}
+
+is_scalar_key(value) if is_string(value)
+
+is_scalar_key(value) if is_number(value)
+
+# --- Listings: one evaluation for every item of a page ----------------------
+
+# input.listing = {"catalogue": "tools", "names": [...]}: the names the client may see.
+visible := [name |
+	some name in input.listing.names
+	usable(input.listing.catalogue, name)
+]
+
+with_listing(d) := object.union(d, {"visible": visible}) if {
+	input.listing
+} else := d
+
+# --- Step-up ----------------------------------------------------------------
+
+step_up := {
+	"action": "reject",
+	"reason": "insufficient_scope",
+	"status": 403,
+	"scopes": sort([scope | some scope in missing]),
+}

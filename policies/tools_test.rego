@@ -1,0 +1,119 @@
+package mcp.tools_test
+
+import data.mcp.gateway
+
+# Same conventions as gateway_test.rego: input replaced one key at a time, `with` values
+# given as function calls (regopy 1.5.2 ignores references to other rules).
+
+notes_authz(_) := {
+	"unlisted": "deny",
+	"tools": {
+		"list_notes": {"scopes": ["notes.read"]},
+		"read_*": {"scopes": ["notes.read"]},
+		"create_note": {"scopes": ["notes.write"], "arguments": {"path": {"prefix": "/users/{sub}/"}}},
+		"delete_note": {"scopes": ["notes.write"], "arguments": {"id": {"owned_by": "notes"}}},
+		"tag_note": {"scopes": ["notes.write"], "arguments": {"tag": {"one_of": ["red", "blue"], "optional": true}}},
+		"purge_*": {"scopes": ["notes.admin"]},
+	},
+	"resources": {"notes://*": {"scopes": ["notes.read"]}},
+	"prompts": {"summarize": {"scopes": ["notes.read"]}},
+	"owners": {"notes": {"1": "alice", "2": "bob"}},
+}
+
+token(scopes) := {"audiences": ["mcp-client"], "claims": {}, "scopes": scopes, "subject": "alice"}
+
+open_profile(_) := {"mode": "passthrough", "audience": {"accept": [], "reject": [], "match": "any", "missing": "accept"}}
+
+call(tool, args, scopes) := d if {
+	d := gateway.decision with data.authz as notes_authz(0)
+		with input.token as token(scopes)
+		with input.profile as open_profile(0)
+		with input.mcp as {"kind": "request", "method": "tools/call", "tool": tool, "arguments": args}
+		with input.request as {"method": "POST"}
+}
+
+test_reader_may_read if call("read_note", {"id": 1}, ["notes.read"]).action == "accept"
+
+test_glob_matches_family if call("read_archive", {}, ["notes.read"]).action == "accept"
+
+test_unlisted_tool_refused if call("format_disk", {}, ["notes.read", "notes.write"]).reason == "tool_not_listed"
+
+test_lookalike_name_refused if call("list_nоtes", {}, ["notes.read"]).reason == "tool_not_listed"
+
+test_reader_steps_up_for_write if {
+	d := call("create_note", {"path": "/users/alice/a"}, ["notes.read"])
+	d.reason == "insufficient_scope"
+	d.status == 403
+	d.scopes == ["notes.write"]
+}
+
+test_writer_creates_in_own_folder if call("create_note", {"path": "/users/alice/todo"}, ["notes.write"]).action == "accept"
+
+test_writer_refused_in_other_folder if {
+	call("create_note", {"path": "/users/bob/todo"}, ["notes.write"]).reason == "argument_not_allowed: path"
+}
+
+test_dot_segments_refused if {
+	call("create_note", {"path": "/users/alice/../bob/x"}, ["notes.write"]).reason == "argument_not_allowed: path"
+}
+
+test_odd_characters_refused if {
+	call("create_note", {"path": "/users/alice/a\u0000b"}, ["notes.write"]).reason == "argument_not_allowed: path"
+	call("create_note", {"path": "/users/alice/a\\..\\b"}, ["notes.write"]).reason == "argument_not_allowed: path"
+}
+
+test_missing_argument_refused if call("create_note", {}, ["notes.write"]).reason == "argument_not_allowed: path"
+
+test_argument_of_wrong_type_refused if {
+	call("create_note", {"path": ["/users/alice/x"]}, ["notes.write"]).reason == "argument_not_allowed: path"
+}
+
+test_owner_may_delete if call("delete_note", {"id": 1}, ["notes.write"]).action == "accept"
+
+test_non_owner_refused if call("delete_note", {"id": 2}, ["notes.write"]).reason == "argument_not_allowed: id"
+
+test_unknown_id_refused if call("delete_note", {"id": 99}, ["notes.write"]).reason == "argument_not_allowed: id"
+
+test_optional_argument if {
+	call("tag_note", {}, ["notes.write"]).action == "accept"
+	call("tag_note", {"tag": "red"}, ["notes.write"]).action == "accept"
+	call("tag_note", {"tag": "green"}, ["notes.write"]).reason == "argument_not_allowed: tag"
+}
+
+test_resource_and_prompt_rules if {
+	r := gateway.decision with data.authz as notes_authz(0)
+		with input.token as token([])
+		with input.profile as open_profile(0)
+		with input.mcp as {"kind": "request", "method": "resources/read", "resource_uri": "notes://1"}
+		with input.request as {"method": "POST"}
+	r.reason == "insufficient_scope"
+	p := gateway.decision with data.authz as notes_authz(0)
+		with input.token as token([])
+		with input.profile as open_profile(0)
+		with input.mcp as {"kind": "request", "method": "prompts/get", "prompt": "other"}
+		with input.request as {"method": "POST"}
+	p.reason == "prompt_not_listed"
+}
+
+listing(scopes) := d if {
+	d := gateway.decision with data.authz as notes_authz(0)
+		with input.token as token(scopes)
+		with input.profile as open_profile(0)
+		with input.mcp as {"kind": "request", "method": "tools/list"}
+		with input.request as {"method": "POST"}
+		with input.listing as {"catalogue": "tools", "names": ["list_notes", "create_note", "purge_all", "format_disk"]}
+}
+
+test_listing_filtered_per_scopes if {
+	sort(listing(["notes.read"]).visible) == ["list_notes"]
+	sort(listing(["notes.read", "notes.write"]).visible) == ["create_note", "list_notes"]
+	listing([]).visible == []
+}
+
+test_no_data_changes_nothing if {
+	d := gateway.decision with input.token as token([])
+		with input.profile as open_profile(0)
+		with input.mcp as {"kind": "request", "method": "tools/call", "tool": "anything"}
+		with input.request as {"method": "POST"}
+	d.action == "accept"
+}
