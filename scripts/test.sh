@@ -9,6 +9,15 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[test]'
+# a real Redis for the session-sharing tests (Debian's package; root, or sudo, on CI machines)
+if ! command -v redis-server >/dev/null 2>&1 && [ ! -x /usr/bin/redis-server ]; then
+  SUDO=""
+  if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server >/dev/null \
+    || { $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server >/dev/null; }
+  # the package starts a system service on 6379; the tests start their own on a free port
+  ($SUDO systemctl stop redis-server 2>/dev/null || $SUDO service redis-server stop 2>/dev/null || true) >/dev/null
+fi
 # the tests' OpenID provider (oidc-provider on Node), pinned by tests/idp/package-lock.json
 (cd tests/idp && npm ci --no-audit --no-fund --loglevel=error)
 exec .venv/bin/python -m pytest -q "$@"

@@ -362,13 +362,13 @@ class OpaServer:
         self.proc.wait(10)
 
 
-def start_opa(bundle: Path, log_dir: Path) -> OpaServer:
+def start_opa(bundle: Path, log_dir: Path, *data_files: Path) -> OpaServer:
     opa = find_opa()
     if opa is None:
         pytest.skip("no OPA binary: set OPA_BIN, put opa on PATH, or keep ../shared/bin/opa beside the checkout")
     port = free_port()
     proc = subprocess.Popen(
-        [opa, "run", "--server", "--addr", f"127.0.0.1:{port}", "--disable-telemetry", "--log-level", "error", str(bundle)],
+        [opa, "run", "--server", "--addr", f"127.0.0.1:{port}", "--disable-telemetry", "--log-level", "error", str(bundle), *map(str, data_files)],
         stdout=open(log_dir / f"opa-{port}.log", "w"),
         stderr=subprocess.STDOUT,
     )

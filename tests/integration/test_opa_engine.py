@@ -60,6 +60,59 @@ async def test_engines_agree_on_every_case(embedded, remote) -> None:
     assert len(CASES) > 60
 
 
+NOTES_DATA = ROOT / "examples" / "notes-authz.yaml"
+
+
+def tool_cases() -> list[tuple[str, dict, str]]:
+    """Per-tool rules (examples/notes-authz.yaml): scopes, arguments, hostile names, listings."""
+    cases = []
+    calls = [
+        ("read_note", {"id": 1}, "notes.read", "allowed"),
+        ("create_note", {"title": "t", "path": "/users/alice/x"}, "notes.read", "insufficient_scope"),
+        ("create_note", {"title": "t", "path": "/users/alice/x"}, "notes.read notes.write", "allowed"),
+        ("create_note", {"title": "t", "path": "/users/bob/x"}, "notes.read notes.write", "argument_not_allowed: path"),
+        ("create_note", {"title": "t", "path": "/users/alice/../b"}, "notes.write", "argument_not_allowed: path"),
+        ("create_note", {"title": "t", "path": "/users/alice/a\u0000"}, "notes.write", "argument_not_allowed: path"),
+        ("create_note", {"title": "t" * 201, "path": "/users/alice/x"}, "notes.write", "argument_not_allowed: title"),
+        ("delete_note", {"id": 1}, "notes.write", "allowed"),
+        ("delete_note", {"id": "1"}, "notes.write", "allowed"),
+        ("delete_note", {"id": 2}, "notes.write", "argument_not_allowed: id"),
+        ("delete_note", {"id": [1]}, "notes.write", "argument_not_allowed: id"),
+        ("purge_notes", {}, "notes.write", "insufficient_scope"),
+        ("purge_notes", {}, "notes.admin", "allowed"),
+    ]
+    calls += [(name, {}, "notes.read notes.write notes.admin", "tool_not_listed") for name in ['list_notes"', "list_notes\\", "list_notes\n", "list_nоtes", "*", "x" * 5000]]
+    for i, (tool, args, scope, expected) in enumerate(calls):
+        case = policy_input(token("mcp-client", scope=scope, sub="alice"), profile(RULES["A_strict"]), tool=tool)
+        case["mcp"]["arguments"] = args
+        cases.append((f"tool-{i}-{tool[:12]!r}", case, expected))
+    for scope in ("", "notes.read", "notes.read notes.write"):
+        case = policy_input(token("mcp-client", scope=scope, sub="alice"), profile(RULES["A_strict"]))
+        case["mcp"] = {**case["mcp"], "method": "tools/list", "tool": None, "arguments": None}
+        case["listing"] = {"catalogue": "tools", "names": ["list_notes", "create_note", "purge_notes", "other"]}
+        cases.append((f"listing-{scope!r}", case, "allowed"))
+    return cases
+
+
+async def test_engines_agree_on_tool_rules(tmp_path) -> None:
+    opa = start_opa(ROOT / "policies", tmp_path, NOTES_DATA)
+    remote = OpaEngine(opa.url, ENTRY, timeout=5)
+    await remote.start()
+    try:
+        local = EmbeddedEngine(load_bundle(ROOT / "policies", (NOTES_DATA,)), ENTRY)
+        disagreements = []
+        for name, case, expected in tool_cases():
+            near, far = (await local.decide(case)).as_dict(), (await remote.decide(case)).as_dict()
+            if near != far or near["reason"] != expected:
+                disagreements.append((name, expected, near, far))
+        assert not disagreements, disagreements[:5]
+        listing = (await local.decide(tool_cases()[-1][1])).visible
+        assert listing == frozenset({"list_notes", "create_note"})
+    finally:
+        await remote.aclose()
+        opa.stop()
+
+
 async def test_opa_down_is_a_policy_error() -> None:
     engine = OpaEngine(f"http://127.0.0.1:{free_port()}", ENTRY, timeout=1)
     with pytest.raises(PolicyError) as info:

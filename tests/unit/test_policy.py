@@ -28,7 +28,8 @@ def engine() -> EmbeddedEngine:
 def token(aud: Any, **claims: Any) -> VerifiedToken:
     auds = () if aud is None else ((aud,) if isinstance(aud, str) else tuple(aud))
     body = {"iss": "http://idp", "sub": "alice", "exp": 2e9, **({} if aud is None else {"aud": aud}), **claims}
-    return VerifiedToken("jwt", "h", body, "http://idp", "alice", claims.get("client_id"), (), auds, 2e9)
+    scopes = tuple(str(claims.get("scope", "")).split())
+    return VerifiedToken("jwt", "h", body, "http://idp", "alice", claims.get("client_id"), scopes, auds, 2e9)
 
 
 def profile(audience: dict[str, Any], mode: str = "passthrough") -> Profile:
