@@ -75,6 +75,7 @@ class Gateway:
 
     def __post_init__(self) -> None:
         self.metrics.cache_sources = self._cache_counts
+        self.metrics.open_streams = lambda: self.upstream.open_streams
 
     def _cache_counts(self) -> dict[str, tuple[int, int]]:
         counts = {"verified_tokens": (self.verified_cache.hits, self.verified_cache.misses)}
@@ -161,7 +162,7 @@ def refusal(
     www_authenticate: str | None = None,
 ) -> Response[bytes]:
     headers = {"WWW-Authenticate": www_authenticate} if www_authenticate else None
-    body = jsonrpc.error_body(code or jsonrpc.code_for_status(status), message, reason=reason, request_id=request_id)
+    body = jsonrpc.error_body(code or jsonrpc.code_for_status(status, reason), message, reason=reason, request_id=request_id)
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 

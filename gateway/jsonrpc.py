@@ -11,6 +11,7 @@ from typing import Any
 
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
 HEADER_MISMATCH = -32020  # the 2026-07-28 transport's code for header/body disagreement
 #: gateway-specific codes, in the JSON-RPC "server error" range
@@ -36,7 +37,13 @@ class Refusal(Exception):
         self.message = message
 
 
-def code_for_status(status: int) -> int:
+#: refusals whose JSON-RPC meaning is more precise than their HTTP status
+_REASON_CODES = {"unknown_method": METHOD_NOT_FOUND}
+
+
+def code_for_status(status: int, reason: str | None = None) -> int:
+    if reason in _REASON_CODES:
+        return _REASON_CODES[reason]
     return _STATUS_CODES.get(status, INVALID_REQUEST if status < 500 else UNAVAILABLE)
 
 

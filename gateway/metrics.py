@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -53,6 +53,11 @@ class Metrics:
             "mcp_gateway_shadow_decisions", "Shadow policy evaluations by outcome", ["outcome"], registry=self.registry
         )  # outcome: agree | disagree | error
         self.registry.register(_CacheCollector(self))  # type: ignore[arg-type]
+        #: set by the gateway: SSE answers being relayed now (each holds an upstream connection)
+        self.open_streams: Callable[[], int] = int
+        Gauge(
+            "mcp_gateway_upstream_streams_open", "Upstream SSE answers being relayed now", registry=self.registry
+        ).set_function(lambda: self.open_streams())
 
     @contextmanager
     def timed(self, step: str) -> Iterator[None]:

@@ -79,6 +79,8 @@ class UpstreamClient:
     def __init__(self, config: UpstreamConfig) -> None:
         self._config = config
         self.url = config.url
+        #: SSE answers being relayed; each is closed (and counted down) when it ends, breaks or the client leaves
+        self.open_streams = 0
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(config.timeout, connect=config.connect_timeout),
             limits=httpx.Limits(max_connections=config.max_connections, max_keepalive_connections=config.max_connections),
@@ -110,7 +112,8 @@ class UpstreamClient:
         headers_out = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in DROPPED_RESPONSE_HEADERS]
         media_type = response.headers.get("content-type", "application/octet-stream")
         if media_type.split(";")[0].strip().lower() == "text/event-stream":
-            return UpstreamAnswer(response.status_code, headers_out, media_type, None, _relay(response))
+            self.open_streams += 1
+            return UpstreamAnswer(response.status_code, headers_out, media_type, None, SseRelay(self, response))
         try:
             body = await response.aread()
         except httpx.TimeoutException:
@@ -122,12 +125,43 @@ class UpstreamClient:
         return UpstreamAnswer(response.status_code, headers_out, media_type, body, None)
 
 
-async def _relay(response: httpx.Response) -> AsyncIterator[bytes]:
-    """Yield the SSE bytes as they arrive; a broken upstream ends the stream cleanly."""
-    try:
-        async for chunk in response.aiter_raw():
-            yield chunk
-    except httpx.HTTPError as exc:
-        log.warning("upstream stream ended early: %s", type(exc).__name__)
-    finally:
-        await response.aclose()
+
+class SseRelay:
+    """The upstream's SSE bytes as they arrive, as an async iterator that always releases.
+
+    A broken upstream ends the stream cleanly. `aclose()` closes the upstream response
+    (freeing its connection) whether or not iteration started: an async generator's
+    `finally` would not run if it was closed before its first item.
+    """
+
+    def __init__(self, client: UpstreamClient, response: httpx.Response) -> None:
+        self._client = client
+        self._response = response
+        self._chunks = response.aiter_raw()
+        self._closed = False
+
+    def __aiter__(self) -> SseRelay:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._closed:
+            raise StopAsyncIteration
+        try:
+            return await self._chunks.__anext__()
+        except StopAsyncIteration:
+            await self.aclose()
+            raise
+        except httpx.HTTPError as exc:
+            log.warning("upstream stream ended early: %s", type(exc).__name__)
+            await self.aclose()
+            raise StopAsyncIteration from None
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._client.open_streams -= 1
+        await self._response.aclose()

@@ -13,6 +13,8 @@ decision := reject(problem, 401) if {
 	problem := audience_problem
 } else := reject("unknown_message_kind", 400) if {
 	not known_request
+} else := reject("unknown_method", 400) if {
+	not known_method
 } else := reject(problem, 403) if {
 	problem := catalogue_problem
 } else := step_up if {
@@ -48,6 +50,26 @@ known_request if {
 	input.mcp.kind == null
 	some method in ["GET", "DELETE"]
 	input.request.method == method
+}
+
+# Methods: data.mcp_methods (policies/mcp-methods.yaml) lists what a client may send.
+# A bundle without that list lets every method through, as before it existed.
+known_method if not is_object(data.mcp_methods)
+
+known_method if input.mcp.kind == "response"
+
+known_method if input.mcp.kind == null
+
+known_method if {
+	input.mcp.kind == "request"
+	some method in data.mcp_methods.requests
+	method == input.mcp.method
+}
+
+known_method if {
+	input.mcp.kind == "notification"
+	some method in data.mcp_methods.notifications
+	method == input.mcp.method
 }
 
 # --- Audience rules (profile data: input.profile.audience) -------------------

@@ -101,3 +101,20 @@ test_unknown_kind_refused if {
 		with input.request as {"method": "PUT"}
 	d.reason == "unknown_message_kind"
 }
+
+# Methods outside data.mcp_methods are refused; responses to the server's requests pass.
+method_decision(kind, method) := d if {
+	d := gateway.decision with input.token as token(["mcp-client"])
+		with input.profile as profile(strict, "passthrough")
+		with input.mcp as {"kind": kind, "method": method}
+		with input.request as {"method": "POST"}
+}
+
+test_unknown_methods_refused if {
+	method_decision("request", "tools/delete").reason == "unknown_method"
+	method_decision("request", "tools/call ").reason == "unknown_method"
+	method_decision("notification", "notifications/anything").reason == "unknown_method"
+	method_decision("request", "ping").reason == "allowed"
+	method_decision("notification", "notifications/initialized").reason == "allowed"
+	method_decision("response", null).reason == "allowed"
+}

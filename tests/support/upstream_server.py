@@ -106,7 +106,24 @@ def build_app(record_dir: Path, *, json_response: bool = False, stateless: bool 
         return "not released"
 
     app = server.streamable_http_app(streamable_http_path="/mcp", json_response=json_response, stateless_http=stateless)
-    return Recorder(app, record_dir / "requests.jsonl", check)
+    return Recorder(BrokenStream(app), record_dir / "requests.jsonl", check)
+
+
+class BrokenStream:
+    """`POST /broken-sse`: one SSE event, then the connection is cut mid-stream (a
+    crashing upstream); everything else goes to the MCP app."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != "/broken-sse":
+            return await self.app(scope, receive, send)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        event = b'event: message\ndata: {"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":1,"progress":1}}\n\n'
+        await send({"type": "http.response.body", "body": event, "more_body": True})
+        await asyncio.sleep(0.2)
+        raise RuntimeError("the test upstream breaks off its stream")
 
 
 def main() -> None:

@@ -165,3 +165,19 @@ def test_bundle_data_files_placed_by_directory(tmp_path) -> None:
     bundle = load_bundle(tmp_path)
     assert bundle.data == {"tools": {"reason": "from-data"}}
     assert EmbeddedEngine(bundle, ENTRY).evaluate({}) == {"action": "reject", "reason": "from-data"}
+
+
+def test_method_list_covers_every_client_method_of_the_sdk() -> None:
+    """policies/mcp-methods.yaml must not fall behind the protocol the SDK speaks."""
+    import typing
+
+    import mcp.types as types
+
+    from gateway.policy.bundle import load_bundle
+
+    def methods(union: Any) -> set[str]:
+        return {a for cls in typing.get_args(union) for a in typing.get_args(cls.model_fields["method"].annotation)}
+
+    listed = load_bundle(ROOT / "policies").data["mcp_methods"]
+    assert methods(types.ClientRequest) <= set(listed["requests"])
+    assert methods(types.ClientNotification) <= set(listed["notifications"])
