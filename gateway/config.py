@@ -33,6 +33,9 @@ class Upstream(Strict):
     #: request headers forwarded beyond the built-in MCP allow-list (lower-case names)
     forward_headers: tuple[str, ...] = ()
     max_connections: int = pydantic.Field(100, ge=1)
+    #: seconds an idle pooled connection is kept; must stay below the upstream server's own
+    #: idle timeout (uvicorn: 5 s), or a request may go out on a connection it is closing
+    keepalive_expiry: float = pydantic.Field(2.0, ge=0)
 
     @pydantic.field_validator("url")
     @classmethod

@@ -33,6 +33,16 @@ class _CacheCollector:
         yield family
 
 
+def _loop_tasks() -> int:
+    """Tasks of the running loop (scrapes are served on it); 0 outside a loop."""
+    import asyncio
+
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:
+        return 0
+
+
 class Metrics:
     def __init__(self) -> None:
         #: set by the gateway that serves; a reload points it at the new gateway's caches
@@ -58,6 +68,9 @@ class Metrics:
         Gauge(
             "mcp_gateway_upstream_streams_open", "Upstream SSE answers being relayed now", registry=self.registry
         ).set_function(lambda: self.open_streams())
+        Gauge("mcp_gateway_event_loop_tasks", "asyncio tasks alive in the serving loop", registry=self.registry).set_function(
+            _loop_tasks
+        )
 
     @contextmanager
     def timed(self, step: str) -> Iterator[None]:

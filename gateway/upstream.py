@@ -83,7 +83,11 @@ class UpstreamClient:
         self.open_streams = 0
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(config.timeout, connect=config.connect_timeout),
-            limits=httpx.Limits(max_connections=config.max_connections, max_keepalive_connections=config.max_connections),
+            limits=httpx.Limits(
+                max_connections=config.max_connections,
+                max_keepalive_connections=config.max_connections,
+                keepalive_expiry=config.keepalive_expiry,
+            ),
             follow_redirects=False,
             trust_env=False,
         )
