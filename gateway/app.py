@@ -23,7 +23,7 @@ from litestar.response import Stream
 from gateway import jsonrpc
 from gateway.audit import DecisionLog, DecisionRecord
 from gateway.config import Settings
-from gateway.engines import build_engine, build_shadow_engine, load_live_bundle
+from gateway.engines import build_engine, build_shadow_engine, load_live_bundle, with_decision_cache
 from gateway.listings import Listing, filter_answer, listing_for
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import Metrics
@@ -31,6 +31,7 @@ from gateway.messages import McpInputError, McpRequest, parse_post, parse_stream
 from gateway.metadata import WELL_KNOWN, challenge, metadata_document, metadata_path, metadata_url
 from gateway.policy import Action, Decision, PolicyEngine, PolicyError, build_input
 from gateway.policy.bundle import DeclaredScopes
+from gateway.policy.cache import CachingEngine
 from gateway.reload import Reloader
 from gateway.profiles import Profile, load_profile
 from gateway.exchange import ExchangeError, TokenExchanger
@@ -81,6 +82,8 @@ class Gateway:
         counts = {"verified_tokens": (self.verified_cache.hits, self.verified_cache.misses)}
         if self.exchanger is not None:
             counts["exchanged_tokens"] = (self.exchanger.hits, self.exchanger.requests)
+        if isinstance(self.engine, CachingEngine):
+            counts["decisions"] = (self.engine.hits, self.engine.misses)
         return counts
 
     @classmethod
@@ -89,7 +92,7 @@ class Gateway:
         cfg = settings.config
         profile = load_profile(cfg.profile, settings.base_dir, resource=cfg.resource, public_url=cfg.public_url)
         bundle = load_live_bundle(settings)
-        engine = build_engine(settings, bundle)
+        engine = with_decision_cache(build_engine(settings, bundle), settings, bundle)
         idp_http = httpx.AsyncClient(timeout=httpx.Timeout(5.0), follow_redirects=False, trust_env=False)
         issuer = IssuerMetadata(profile, idp_http)
         verified = VerifiedTokenCache(cfg.caches.verified_tokens)

@@ -51,6 +51,12 @@ class Upstream(Strict):
         return tuple(h.lower() for h in v)
 
 
+class DecisionCacheConfig(Strict):
+    #: auto: on when the policy declares itself pure (`decision_cache := {"pure": true, ...}`)
+    enabled: Literal["auto"] | bool = "auto"
+    size: int = pydantic.Field(10_000, ge=1)
+
+
 class PolicyConfig(Strict):
     engine: Literal["embedded", "opa"] = "embedded"
     #: directory of .rego files plus data files; empty means the shipped policies/
@@ -66,6 +72,7 @@ class PolicyConfig(Strict):
     #: extra data files (JSON/YAML) merged at the root of the bundle's data, as
     #: `opa run BUNDLE FILE` does: the per-tool rules (data.authz) live in one
     data: tuple[str, ...] = ()
+    decision_cache: DecisionCacheConfig = DecisionCacheConfig()
 
 
 class Limits(Strict):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from gateway.config import Settings
 from gateway.policy import PolicyEngine, PolicyError
 from gateway.policy.bundle import Bundle, load_bundle
+from gateway.policy.cache import CacheDeclaration, CachingEngine
 from gateway.policy.embedded import EmbeddedEngine
 from gateway.policy.opa import OpaEngine
 
@@ -18,6 +19,23 @@ def build_engine(settings: Settings, bundle: Bundle | None = None) -> PolicyEngi
         assert policy.opa_url is not None  # the config model requires it
         return OpaEngine(policy.opa_url, policy.entrypoint, timeout=policy.timeout)
     raise PolicyError(f"policy.engine {policy.engine!r} is not known")
+
+
+def with_decision_cache(engine: PolicyEngine, settings: Settings, bundle: Bundle) -> PolicyEngine:
+    """Wrap `engine` in the decision cache when the config and the policy's declaration allow.
+
+    The declaration (`<package of the entrypoint>.decision_cache`) is read from the local
+    bundle, which a remote OPA must serve too.
+    """
+    policy = settings.config.policy
+    if policy.decision_cache.enabled is False:
+        return engine
+    package = policy.entrypoint.rsplit("/", 1)[0].replace("/", ".")
+    reader = engine if isinstance(engine, EmbeddedEngine) else EmbeddedEngine(bundle, policy.entrypoint)
+    declaration = CacheDeclaration.from_value(reader.value_of(f"data.{package}.decision_cache"))
+    if policy.decision_cache.enabled == "auto" and not declaration.pure:
+        return engine
+    return CachingEngine(engine, declaration, policy.decision_cache.size)
 
 
 def load_live_bundle(settings: Settings) -> Bundle:

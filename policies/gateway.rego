@@ -38,6 +38,23 @@ allow := {
 
 reject(reason, status) := {"action": "reject", "reason": reason, "status": status}
 
+# For the gateway's decision cache (docs/policy.md): this policy reads only input and
+# data, and never the input paths below, so equal inputs without them decide alike.
+# tests/unit/test_decision_cache.py checks the promise. Drop a path here before a rule
+# starts reading it.
+decision_cache := {
+	"pure": true,
+	"ignore": [
+		["mcp", "id"],
+		["mcp", "params"],
+		["mcp", "session_id"],
+		["request", "headers"],
+		["request", "remote_addr"],
+		["request", "path"],
+		["gateway"],
+	],
+}
+
 # POSTed JSON-RPC messages, and the GET stream / DELETE session requests.
 # (Written with `some ... ==` rather than `x in {...}`: regopy 1.5.2 crashes on membership
 # tests of input values when a Rego unit test replaces input with `with input as`.)

@@ -64,6 +64,13 @@ class EmbeddedEngine:
         except Exception as exc:
             raise PolicyError(f"policy evaluation failed: {type(exc).__name__}: {exc}") from None
 
+    def value_of(self, ref: str) -> Any:
+        """A data value of the compiled bundle (e.g. `data.mcp.gateway.decision_cache`), or None."""
+        try:
+            return first_value(self._it.query(ref))
+        except Exception:
+            return None
+
     async def decide(self, policy_input: dict[str, Any]) -> Decision:
         return Decision.from_output(self.evaluate(policy_input))
 

@@ -1,0 +1,97 @@
+"""The decision cache: a pure policy's decision, remembered by its canonical input.
+
+A policy may declare itself pure — its decision depends only on the input and the
+bundle's data, never on time or the network — and name the input paths it never
+reads, beside its entrypoint:
+
+    decision_cache := {"pure": true, "ignore": [["mcp", "id"], ["request", "headers"]]}
+
+Then identical inputs (ignoring those paths) get the same decision without evaluating
+again: the key is the SHA-256 of the input's sorted JSON with the ignored paths removed.
+The cache is bounded (LRU), belongs to one built gateway (a reload starts an empty
+one), and never stores a failure. `policy.decision_cache.enabled: auto` turns it on
+only for a policy that declares `pure: true`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.policy import Decision, PolicyEngine
+
+
+@dataclass(frozen=True)
+class CacheDeclaration:
+    pure: bool = False
+    ignore: tuple[tuple[str, ...], ...] = ()
+
+    @classmethod
+    def from_value(cls, value: Any) -> CacheDeclaration:
+        if not isinstance(value, dict):
+            return cls()
+        ignore = tuple(
+            tuple(path) for path in value.get("ignore", []) if isinstance(path, list) and path and all(isinstance(p, str) for p in path)
+        )
+        return cls(pure=value.get("pure") is True, ignore=ignore)
+
+
+def _without(value: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
+    """A copy of `value` without `path` (only the dicts along the path are copied)."""
+    head, *rest = path
+    if head not in value:
+        return value
+    out = dict(value)
+    if not rest:
+        del out[head]
+    elif isinstance(out[head], dict):
+        out[head] = _without(out[head], tuple(rest))
+    return out
+
+
+def canonical_key(policy_input: dict[str, Any], ignore: tuple[tuple[str, ...], ...]) -> bytes:
+    pruned = policy_input
+    for path in ignore:
+        pruned = _without(pruned, path)
+    text = json.dumps(pruned, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+
+
+class CachingEngine:
+    """Wraps an engine; answers repeated canonical inputs from an LRU of decisions."""
+
+    def __init__(self, engine: PolicyEngine, declaration: CacheDeclaration, size: int) -> None:
+        self.engine = engine
+        self.name = engine.name
+        self._ignore = declaration.ignore
+        self._size = size
+        self._decisions: OrderedDict[bytes, Decision] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    async def decide(self, policy_input: dict[str, Any]) -> Decision:
+        key = canonical_key(policy_input, self._ignore)
+        cached = self._decisions.get(key)
+        if cached is not None:
+            self.hits += 1
+            self._decisions.move_to_end(key)
+            return cached
+        self.misses += 1
+        decision = await self.engine.decide(policy_input)  # a PolicyError is never stored
+        self._decisions[key] = decision
+        if len(self._decisions) > self._size:
+            self._decisions.popitem(last=False)
+        return decision
+
+    async def start(self) -> None:
+        await self.engine.start()
+
+    async def ready(self) -> bool:
+        return await self.engine.ready()
+
+    async def aclose(self) -> None:
+        self._decisions.clear()
+        await self.engine.aclose()
