@@ -461,6 +461,7 @@ def create_app(settings: Settings) -> Litestar:
         route_handlers=[healthz, readyz, metrics, protected_resource_metadata, mcp_route],
         lifespan=[lifespan],
         openapi_config=None,
+        logging_config=None,  # the process's logging is the CLI's (no per-request queue thread)
         exception_handlers={Exception: _internal_error},
         debug=False,
     )

@@ -25,6 +25,9 @@ def _fail(message: str) -> int:
 
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # one line per upstream/IdP HTTP call would repeat the decision log, on every request
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -44,6 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=args.host or cfg.listen.host,
         port=args.port if args.port is not None else cfg.listen.port,
         log_level=cfg.log_level,
+        access_log=cfg.access_log,
         server_header=False,
         proxy_headers=False,
         lifespan="on",

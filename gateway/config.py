@@ -128,6 +128,8 @@ class GatewayConfig(Strict):
     reload: Reload = Reload()
     sessions: Sessions = Sessions()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    #: uvicorn's one line per HTTP request (the decision log already has one per MCP request)
+    access_log: bool = True
     #: one JSON line per decision: "-" stdout, a file path (appended), "" off
     decision_log: str = "-"
 
