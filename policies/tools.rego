@@ -54,11 +54,21 @@ usable(catalogue, name) if {
 
 # --- The request's problems, in the order the decision checks them ----------
 
+# The request's own entries, found once (a rule is evaluated once per query; a function
+# call is not remembered, and matching every pattern is the policy's main cost).
+target_requirements := requirements(target.catalogue, target.name)
+
 catalogue_problem := sprintf("%s_not_listed", [trim_suffix(target.catalogue, "s")]) if {
-	unlisted(target.catalogue, target.name)
+	is_object(authz[target.catalogue])
+	count(target_requirements) == 0
+	object.get(authz, "unlisted", "deny") != "allow"
 }
 
-missing := missing_scopes(target.catalogue, target.name)
+missing := {scope |
+	some req in target_requirements
+	some scope in object.get(req, "scopes", [])
+	not token_scopes[scope]
+}
 
 arguments := input.mcp.arguments if is_object(input.mcp.arguments)
 
@@ -66,7 +76,7 @@ default arguments := {}
 
 # Each argument rule is an object of checks; all must hold. An unknown check refuses.
 argument_problem := sprintf("argument_not_allowed: %s", [name]) if {
-	some req in requirements(target.catalogue, target.name)
+	some req in target_requirements
 	checks := object.get(req, "arguments", {})[name]
 	not argument_ok(checks, object.get(arguments, name, null))
 }
