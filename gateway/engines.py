@@ -24,11 +24,16 @@ def build_engine(settings: Settings, bundle: Bundle | None = None) -> PolicyEngi
 def with_decision_cache(engine: PolicyEngine, settings: Settings, bundle: Bundle) -> PolicyEngine:
     """Wrap `engine` in the decision cache when the config and the policy's declaration allow.
 
-    The declaration (`<package of the entrypoint>.decision_cache`) is read from the local
-    bundle, which a remote OPA must serve too.
+    `auto` caches only for the embedded engine (a reload replaces the cache with the
+    policy); with a remote OPA, whose policy changes without the gateway knowing, only an
+    explicit `enabled: true` does. The declaration (`<package of the entrypoint>.decision_cache`)
+    is read from the local bundle.
     """
     policy = settings.config.policy
     if policy.decision_cache.enabled is False:
+        return engine
+    if policy.decision_cache.enabled == "auto" and not isinstance(engine, EmbeddedEngine):
+        # a remote OPA's policy can change under us without a reload: cached decisions could go stale
         return engine
     package = policy.entrypoint.rsplit("/", 1)[0].replace("/", ".")
     reader = engine if isinstance(engine, EmbeddedEngine) else EmbeddedEngine(bundle, policy.entrypoint)

@@ -43,6 +43,11 @@ def test_no_500_and_no_token_leak_under_hostile_requests(gateways, keycloak_idp,
             return  # a header httpx itself refuses to send; nothing reached the gateway
         statuses.add(resp.status_code)
         assert resp.status_code != 500, resp.text
+        if resp.status_code == 400 and resp.headers["content-type"].startswith("text/plain"):
+            # refused by the HTTP parser (httptools) before the app: an octet HTTP does not allow
+            # in a header value; nothing was parsed, decided or forwarded
+            assert resp.text == "Invalid HTTP request received."
+            return
         assert resp.headers["content-type"].startswith(("application/json", "text/event-stream")), resp.headers
         answers.append(resp.text + json.dumps(dict(resp.headers)))
 

@@ -54,6 +54,13 @@ def test_auto_turns_the_cache_on_only_for_a_declared_policy(tmp_path) -> None:
         s = settings_for(bundle, enabled)
         wrapped = with_decision_cache(EmbeddedEngine(load_bundle(bundle), ENTRY), s, load_bundle(bundle))
         assert isinstance(wrapped, CachingEngine) is cached, (bundle.name, enabled)
+    # a remote OPA can change its policy without a reload here: auto stays off, true turns it on
+    from gateway.policy.opa import OpaEngine
+
+    for enabled, cached in (("auto", False), (True, True)):
+        remote = OpaEngine("http://127.0.0.1:9", ENTRY, timeout=1)
+        wrapped = with_decision_cache(remote, settings_for(ROOT / "policies", enabled), load_bundle(ROOT / "policies"))
+        assert isinstance(wrapped, CachingEngine) is cached, ("opa", enabled)
 
 
 async def test_hits_misses_and_failures_not_stored(engine) -> None:
