@@ -4,12 +4,7 @@
 # e.g. scripts/bench.sh --seconds 3 --memory-seconds 0
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
-fi
-.venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e '.[test,bench]'
+EXTRAS=test,bench . scripts/venv.sh
 # the Keycloak-shaped provider for exchange mode
 (cd tests/idp && npm ci --no-audit --no-fund --loglevel=error)
 export PATH="$PWD/.venv/bin:$PATH"

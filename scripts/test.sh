@@ -3,12 +3,7 @@
 # Extra arguments go to pytest, e.g. scripts/test.sh tests/unit -k tokens
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
-fi
-.venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e '.[test]'
+EXTRAS=test . scripts/venv.sh
 # a real Redis for the session-sharing tests (Debian's package; root, or sudo, on CI machines)
 if ! command -v redis-server >/dev/null 2>&1 && [ ! -x /usr/bin/redis-server ]; then
   SUDO=""

@@ -16,6 +16,7 @@ import yaml
 from tests.conftest import ROOT, _running_upstream, make_profile
 from tests.integration.test_gateway_e2e import ACCEPT, post, reason
 from tests.integration.test_idp_profiles import keycloak_env
+from tests.integration.test_reload import wait_for as eventually
 
 
 def call(name: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -30,15 +31,6 @@ def open_streams(gw: Any) -> float:
         if line.startswith("mcp_gateway_upstream_streams_open "):
             return float(line.split()[-1])
     raise AssertionError("no mcp_gateway_upstream_streams_open metric")
-
-
-def eventually(predicate: Any, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.fixture(scope="module")
