@@ -129,12 +129,12 @@ async def _filter_event(event: bytes, listing: Listing, request_id: Any, visible
     except ValueError:
         log.warning("an SSE event of a listing is not JSON; dropped")
         return b""
-    if _items(message, listing, request_id) is None:
-        return event
     try:
         filtered = await filter_message(message, listing, request_id, visible_names)
     except Refusal as exc:
         filtered = _error_message(request_id, exc)
+    if filtered is message:  # not the listing's response (a notification, another id, an error)
+        return event
     others = [line for line in lines if not line.startswith(b"data:")]
     payload = json.dumps(filtered, separators=(",", ":"), ensure_ascii=False).encode()
     return b"\n".join([*others, b"data: " + payload]) + b"\n\n"
