@@ -341,7 +341,7 @@ def main() -> int:
         fast, sdk = f"http://127.0.0.1:{fast_port}/mcp", f"http://127.0.0.1:{sdk_port}/mcp"
 
         # a dev issuer for pass-through tokens (its JWKS is fetched once by each gateway)
-        from gateway.dev_issuer import DevIssuer
+        from gateway.dev.issuer import DevIssuer
         import uvicorn
         import threading
 

@@ -10,7 +10,7 @@ import argparse
 
 import uvicorn
 
-from gateway.demo_upstream import build_notes_server
+from gateway.dev.notes_server import build_notes_server
 
 
 def main() -> None:

@@ -20,24 +20,24 @@ import httpx
 from litestar import Litestar, Request, Response, get, route
 from litestar.response import Stream
 
-from gateway import jsonrpc
-from gateway.audit import DecisionLog, DecisionRecord
-from gateway.config import Settings
-from gateway.engines import build_engine, build_shadow_engine, load_live_bundle, with_decision_cache
-from gateway.listings import Listing, filter_answer, listing_for
-from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from gateway.metrics import Metrics
-from gateway.messages import McpInputError, McpRequest, parse_post, parse_stream_request
-from gateway.metadata import WELL_KNOWN, challenge, metadata_document, metadata_path, metadata_url
+from gateway.mcp import jsonrpc
+from gateway.ops.audit import DecisionLog, DecisionRecord
+from gateway.config.settings import Settings
+from gateway.policy.engines import build_engine, build_shadow_engine, load_live_bundle, with_decision_cache
+from gateway.mcp.listings import Listing, filter_answer, listing_for
+from gateway.ops.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gateway.ops.metrics import Metrics
+from gateway.mcp.messages import McpInputError, McpRequest, parse_post, parse_stream_request
+from gateway.auth.metadata import WELL_KNOWN, challenge, metadata_document, metadata_path, metadata_url
 from gateway.policy import Action, Decision, PolicyEngine, PolicyError, build_input
 from gateway.policy.bundle import DeclaredScopes
 from gateway.policy.cache import CachingEngine
-from gateway.reload import Reloader
-from gateway.profiles import Profile, load_profile
-from gateway.exchange import ExchangeError, TokenExchanger
-from gateway.idp import IssuerMetadata
-from gateway.introspection import IntrospectionVerifier
-from gateway.tokens import (
+from gateway.ops.reload import Reloader
+from gateway.config.profiles import Profile, load_profile
+from gateway.auth.exchange import ExchangeError, TokenExchanger
+from gateway.auth.idp import IssuerMetadata
+from gateway.auth.introspection import IntrospectionVerifier
+from gateway.auth.tokens import (
     JwksCache,
     JwtVerifier,
     ProfileVerifier,
@@ -46,12 +46,12 @@ from gateway.tokens import (
     VerifiedTokenCache,
     bearer_token,
 )
-from gateway.jsonrpc import Refusal
-from gateway.sessions import Owner, SessionBinding, SessionNotFound, build_session_store
-from gateway.upstream import UpstreamAnswer, UpstreamClient, UpstreamError, forwarded_headers
+from gateway.mcp.jsonrpc import Refusal
+from gateway.mcp.sessions import Owner, SessionBinding, SessionNotFound, build_session_store
+from gateway.mcp.upstream import UpstreamAnswer, UpstreamClient, UpstreamError, forwarded_headers
 
 log = logging.getLogger("gateway")
-audit = logging.getLogger("gateway.audit")
+audit = logging.getLogger("gateway.ops.audit")
 
 
 @dataclass

@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from gateway.config import ConfigError, load_config, resolve_config_path
+from gateway.config.settings import ConfigError, load_config, resolve_config_path
 from gateway.policy import PolicyError
 from gateway.policy.regotest import TestReport, run_tests_isolated
 
@@ -69,8 +69,8 @@ def print_report(report: TestReport, *, verbose: bool = False) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from gateway.engines import build_engine
-    from gateway.profiles import load_profile
+    from gateway.policy.engines import build_engine
+    from gateway.config.profiles import load_profile
 
     try:
         settings = load_config(resolve_config_path(args.config))
@@ -88,7 +88,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_test(args: argparse.Namespace) -> int:
-    from gateway.bundled import bundled_dir
+    from gateway.config.bundled import bundled_dir
 
     path = Path(args.path) if args.path else bundled_dir("policies")
     report = run_tests_isolated(path)
@@ -100,7 +100,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     import asyncio
     import json
 
-    from gateway.explain import explain, mcp_body
+    from gateway.policy.explain import explain, mcp_body
 
     try:
         settings = load_config(resolve_config_path(args.config))
@@ -113,7 +113,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from gateway.dev import run_dev
+    from gateway.dev.demo import run_dev
 
     _setup_logging("warning")
     return run_dev(host=args.host, port=args.port)

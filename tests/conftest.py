@@ -26,7 +26,7 @@ import pytest
 import uvicorn
 import yaml
 
-from gateway.dev_issuer import DevIssuer
+from gateway.dev.issuer import DevIssuer
 
 ROOT = Path(__file__).resolve().parent.parent
 

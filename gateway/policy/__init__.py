@@ -11,9 +11,9 @@ import enum
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from gateway.messages import McpRequest
-from gateway.profiles import Profile
-from gateway.tokens import VerifiedToken
+from gateway.mcp.messages import McpRequest
+from gateway.config.profiles import Profile
+from gateway.auth.tokens import VerifiedToken
 
 #: request headers the policy may look at (never Authorization or cookies)
 POLICY_HEADERS = (

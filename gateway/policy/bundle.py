@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.yamlfile import ConfigError, load_yaml
+from gateway.config.yamlfile import ConfigError, load_yaml
 
 DATA_SUFFIXES = (".json", ".yaml", ".yml")
 

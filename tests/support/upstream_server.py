@@ -17,7 +17,7 @@ import httpx
 import uvicorn
 from mcp.server.mcpserver import Context
 
-from gateway.demo_upstream import build_notes_server
+from gateway.dev.notes_server import build_notes_server
 
 
 class TokenCheck:

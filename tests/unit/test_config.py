@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import load_config
-from gateway.profiles import Mode, load_profile
-from gateway.yamlfile import ConfigError, expand_env
+from gateway.config.settings import load_config
+from gateway.config.profiles import Mode, load_profile
+from gateway.config.yamlfile import ConfigError, expand_env
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_ENV = {

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.config import load_config
-from gateway.engines import with_decision_cache
+from gateway.config.settings import load_config
+from gateway.policy.engines import with_decision_cache
 from gateway.policy import PolicyError
 from gateway.policy.bundle import load_bundle
 from gateway.policy.cache import CacheDeclaration, CachingEngine, canonical_key

@@ -7,10 +7,10 @@ import time
 import httpx
 import pytest
 
-from gateway.exchange import ExchangeError, TokenExchanger
-from gateway.idp import IssuerMetadata
-from gateway.profiles import Profile
-from gateway.tokens import VerifiedToken, token_hash
+from gateway.auth.exchange import ExchangeError, TokenExchanger
+from gateway.auth.idp import IssuerMetadata
+from gateway.config.profiles import Profile
+from gateway.auth.tokens import VerifiedToken, token_hash
 from tests.conftest import IDP_CLIENT
 
 

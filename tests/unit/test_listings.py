@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from gateway.jsonrpc import Refusal
-from gateway.listings import LISTINGS, filter_answer
-from gateway.sessions import MemorySessionStore, Owner, SessionBinding, SessionNotFound
-from gateway.upstream import UpstreamAnswer, UpstreamError
+from gateway.mcp.jsonrpc import Refusal
+from gateway.mcp.listings import LISTINGS, filter_answer
+from gateway.mcp.sessions import MemorySessionStore, Owner, SessionBinding, SessionNotFound
+from gateway.mcp.upstream import UpstreamAnswer, UpstreamError
 
 TOOLS = LISTINGS["tools/list"]
 PAGE = {

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from gateway.messages import McpInputError, parse_post, parse_stream_request
+from gateway.mcp.messages import McpInputError, parse_post, parse_stream_request
 from mcp.shared.inbound import encode_header_value
 
 

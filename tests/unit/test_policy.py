@@ -7,13 +7,13 @@ from typing import Any
 
 import pytest
 
-from gateway.messages import parse_post
+from gateway.mcp.messages import parse_post
 from gateway.policy import Action, Decision, PolicyError, build_input
 from gateway.policy.bundle import load_bundle
 from gateway.policy.embedded import EmbeddedEngine
 from gateway.policy.regotest import run_tests_isolated
-from gateway.profiles import Profile
-from gateway.tokens import VerifiedToken
+from gateway.config.profiles import Profile
+from gateway.auth.tokens import VerifiedToken
 
 ROOT = Path(__file__).resolve().parents[2]
 RESOURCE = "http://gw.example/mcp"

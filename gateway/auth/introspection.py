@@ -16,11 +16,11 @@ from typing import Any
 
 import httpx
 
-from gateway.idp import DiscoveryError, IssuerMetadata, client_authentication
-from gateway.profiles import Profile
-from gateway.tokens import TokenError, VerifiedToken, VerifiedTokenCache, cached_lookup, normalise_claims
+from gateway.auth.idp import DiscoveryError, IssuerMetadata, client_authentication
+from gateway.config.profiles import Profile
+from gateway.auth.tokens import TokenError, VerifiedToken, VerifiedTokenCache, cached_lookup, normalise_claims
 
-log = logging.getLogger("gateway.introspection")
+log = logging.getLogger("gateway.auth.introspection")
 INACTIVE_TTL = 10.0
 
 

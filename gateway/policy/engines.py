@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.config import Settings
+from gateway.config.settings import Settings
 from gateway.policy import PolicyEngine, PolicyError
 from gateway.policy.bundle import Bundle, load_bundle
 from gateway.policy.cache import CacheDeclaration, CachingEngine

@@ -17,11 +17,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gateway.config import Settings
+from gateway.config.settings import Settings
 from gateway.policy.regotest import run_tests_isolated
-from gateway.profiles import profile_path
+from gateway.config.profiles import profile_path
 
-log = logging.getLogger("gateway.reload")
+log = logging.getLogger("gateway.ops.reload")
 
 
 class Reloader:

@@ -19,12 +19,12 @@ from urllib.parse import urlencode
 
 import httpx
 
-from gateway.jsonrpc import Refusal
-from gateway.idp import DiscoveryError, IssuerMetadata, client_authentication, oauth_error
-from gateway.profiles import ExchangeSettings
-from gateway.tokens import VerifiedToken
+from gateway.mcp.jsonrpc import Refusal
+from gateway.auth.idp import DiscoveryError, IssuerMetadata, client_authentication, oauth_error
+from gateway.config.profiles import ExchangeSettings
+from gateway.auth.tokens import VerifiedToken
 
-log = logging.getLogger("gateway.exchange")
+log = logging.getLogger("gateway.auth.exchange")
 
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
 #: used when the IdP omits `expires_in` (RFC 8693 only recommends it)

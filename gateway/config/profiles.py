@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 import pydantic
 
-from gateway.bundled import bundled_dir
-from gateway.yamlfile import ConfigError, Strict, load_yaml, validate
+from gateway.config.bundled import bundled_dir
+from gateway.config.yamlfile import ConfigError, Strict, load_yaml, validate
 
 #: never allowed, whatever a profile says: `none`, and HMAC (a public JWKS cannot key it)
 FORBIDDEN_ALGORITHMS = frozenset({"none", "HS256", "HS384", "HS512"})

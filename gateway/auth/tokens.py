@@ -26,11 +26,11 @@ from joserfc import errors as jose_errors
 from joserfc import jwt
 from joserfc.jwk import KeySet
 
-from gateway.idp import IssuerMetadata
-from gateway.jsonstrict import StrictDecoder
-from gateway.profiles import Profile
+from gateway.auth.idp import IssuerMetadata
+from gateway.mcp.jsonstrict import StrictDecoder
+from gateway.config.profiles import Profile
 
-log = logging.getLogger("gateway.tokens")
+log = logging.getLogger("gateway.auth.tokens")
 
 #: no IdP mints access tokens this large; refusing early bounds the work an attacker can cause
 MAX_TOKEN_BYTES = 16_384

@@ -19,11 +19,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from gateway import jsonrpc
-from gateway.jsonrpc import Refusal
-from gateway.upstream import UpstreamAnswer, UpstreamError
+from gateway.mcp import jsonrpc
+from gateway.mcp.jsonrpc import Refusal
+from gateway.mcp.upstream import UpstreamAnswer, UpstreamError
 
-log = logging.getLogger("gateway.listings")
+log = logging.getLogger("gateway.mcp.listings")
 
 
 @dataclass(frozen=True, slots=True)

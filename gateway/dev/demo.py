@@ -14,10 +14,10 @@ from pathlib import Path
 import uvicorn
 
 from gateway.app import create_app
-from gateway.config import GatewayConfig, Settings
-from gateway.bundled import bundled_dir
-from gateway.demo_upstream import build_notes_server
-from gateway.dev_issuer import DevIssuer
+from gateway.config.settings import GatewayConfig, Settings
+from gateway.config.bundled import bundled_dir
+from gateway.dev.notes_server import build_notes_server
+from gateway.dev.issuer import DevIssuer
 
 
 def free_port(host: str = "127.0.0.1") -> int:

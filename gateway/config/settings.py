@@ -14,8 +14,8 @@ from urllib.parse import urlsplit
 
 import pydantic
 
-from gateway.bundled import bundled_dir
-from gateway.yamlfile import ConfigError, Strict, load_yaml, validate
+from gateway.config.bundled import bundled_dir
+from gateway.config.yamlfile import ConfigError, Strict, load_yaml, validate
 
 CONFIG_ENV = "GATEWAY_CONFIG"
 

@@ -21,10 +21,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol
 
-from gateway.config import Sessions as SessionsConfig
-from gateway.jsonrpc import Refusal
+from gateway.config.settings import Sessions as SessionsConfig
+from gateway.mcp.jsonrpc import Refusal
 
-log = logging.getLogger("gateway.sessions")
+log = logging.getLogger("gateway.mcp.sessions")
 
 
 @dataclass(frozen=True, slots=True)

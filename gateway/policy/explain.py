@@ -11,12 +11,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from gateway.config import Settings
-from gateway.engines import build_engine
-from gateway.messages import McpInputError, parse_post
+from gateway.config.settings import Settings
+from gateway.policy.engines import build_engine
+from gateway.mcp.messages import McpInputError, parse_post
 from gateway.policy import Action, Decision, build_input
-from gateway.profiles import Profile, load_profile
-from gateway.tokens import TokenError, VerifiedToken, normalise_claims, token_hash
+from gateway.config.profiles import Profile, load_profile
+from gateway.auth.tokens import TokenError, VerifiedToken, normalise_claims, token_hash
 
 
 def redact(raw: str) -> str:

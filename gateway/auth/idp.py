@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 import httpx
 
-from gateway.profiles import ClientAuth, Profile
+from gateway.config.profiles import ClientAuth, Profile
 
 
 class DiscoveryError(Exception):

@@ -83,7 +83,7 @@ class DecisionLog:
         try:
             self._stream.write(json.dumps(entry, ensure_ascii=False, default=str) + "\n")
         except (OSError, ValueError) as exc:  # a full disk must not take requests down
-            logging.getLogger("gateway.audit").error("decision log write failed: %s", exc)
+            logging.getLogger("gateway.ops.audit").error("decision log write failed: %s", exc)
 
     def close(self) -> None:
         if self._stream is not None and self._stream is not sys.stdout:

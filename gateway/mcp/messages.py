@@ -15,8 +15,8 @@ from typing import Any
 
 from mcp.shared.inbound import NAME_BEARING_METHODS, PROTOCOL_VERSION_META_KEY, decode_header_value
 
-from gateway import jsonrpc
-from gateway.jsonstrict import StrictDecoder, depth_exceeds
+from gateway.mcp import jsonrpc
+from gateway.mcp.jsonstrict import StrictDecoder, depth_exceeds
 
 SESSION_HEADER = "mcp-session-id"
 PROTOCOL_HEADER = "mcp-protocol-version"

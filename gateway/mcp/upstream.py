@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from gateway.config import Upstream as UpstreamConfig
-from gateway.jsonrpc import Refusal
+from gateway.config.settings import Upstream as UpstreamConfig
+from gateway.mcp.jsonrpc import Refusal
 
-log = logging.getLogger("gateway.upstream")
+log = logging.getLogger("gateway.mcp.upstream")
 
 FORWARDED_REQUEST_HEADERS = frozenset(
     {
