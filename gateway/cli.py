@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from gateway.config.settings import ConfigError, load_config, resolve_config_path
-from gateway.policy import PolicyError
+from gateway.policy.decision import PolicyError
 from gateway.policy.regotest import TestReport, run_tests_isolated
 
 EXIT_CONFIG = 2
@@ -69,8 +69,8 @@ def print_report(report: TestReport, *, verbose: bool = False) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from gateway.policy.engines import build_engine
     from gateway.config.profiles import load_profile
+    from gateway.policy.engines import build_engine
 
     try:
         settings = load_config(resolve_config_path(args.config))
@@ -100,7 +100,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     import asyncio
     import json
 
-    from gateway.policy.explain import explain, mcp_body
+    from gateway.explain import explain, mcp_body
 
     try:
         settings = load_config(resolve_config_path(args.config))

@@ -19,12 +19,17 @@ from urllib.parse import urlencode
 
 import httpx
 
-from gateway.mcp.jsonrpc import Refusal
-from gateway.auth.idp import DiscoveryError, IssuerMetadata, client_authentication, oauth_error
-from gateway.config.profiles import ExchangeSettings
+from gateway.auth.idp import (
+    DiscoveryError,
+    IssuerMetadata,
+    client_authentication,
+    oauth_error,
+)
 from gateway.auth.tokens import VerifiedToken
+from gateway.config.profiles import ExchangeSettings
+from gateway.mcp.jsonrpc import Refusal
 
-log = logging.getLogger("gateway.auth.exchange")
+log = logging.getLogger(__name__)
 
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
 #: used when the IdP omits `expires_in` (RFC 8693 only recommends it)

@@ -17,10 +17,16 @@ from typing import Any
 import httpx
 
 from gateway.auth.idp import DiscoveryError, IssuerMetadata, client_authentication
+from gateway.auth.tokens import (
+    TokenError,
+    VerifiedToken,
+    VerifiedTokenCache,
+    cached_lookup,
+    normalise_claims,
+)
 from gateway.config.profiles import Profile
-from gateway.auth.tokens import TokenError, VerifiedToken, VerifiedTokenCache, cached_lookup, normalise_claims
 
-log = logging.getLogger("gateway.auth.introspection")
+log = logging.getLogger(__name__)
 INACTIVE_TTL = 10.0
 
 

@@ -27,10 +27,10 @@ from joserfc import jwt
 from joserfc.jwk import KeySet
 
 from gateway.auth.idp import IssuerMetadata
-from gateway.mcp.jsonstrict import StrictDecoder
 from gateway.config.profiles import Profile
+from gateway.mcp.jsonstrict import StrictDecoder
 
-log = logging.getLogger("gateway.auth.tokens")
+log = logging.getLogger(__name__)
 
 #: no IdP mints access tokens this large; refusing early bounds the work an attacker can cause
 MAX_TOKEN_BYTES = 16_384

@@ -14,10 +14,10 @@ from pathlib import Path
 import uvicorn
 
 from gateway.app import create_app
-from gateway.config.settings import GatewayConfig, Settings
 from gateway.config.bundled import bundled_dir
-from gateway.dev.notes_server import build_notes_server
+from gateway.config.settings import GatewayConfig, Settings
 from gateway.dev.issuer import DevIssuer
+from gateway.dev.notes_server import build_notes_server
 
 
 def free_port(host: str = "127.0.0.1") -> int:

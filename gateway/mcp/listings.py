@@ -23,7 +23,7 @@ from gateway.mcp import jsonrpc
 from gateway.mcp.jsonrpc import Refusal
 from gateway.mcp.upstream import UpstreamAnswer, UpstreamError
 
-log = logging.getLogger("gateway.mcp.listings")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)

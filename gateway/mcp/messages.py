@@ -13,7 +13,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from mcp.shared.inbound import NAME_BEARING_METHODS, PROTOCOL_VERSION_META_KEY, decode_header_value
+from mcp.shared.inbound import (
+    NAME_BEARING_METHODS,
+    PROTOCOL_VERSION_META_KEY,
+    decode_header_value,
+)
 
 from gateway.mcp import jsonrpc
 from gateway.mcp.jsonstrict import StrictDecoder, depth_exceeds

@@ -24,7 +24,7 @@ from typing import Protocol
 from gateway.config.settings import Sessions as SessionsConfig
 from gateway.mcp.jsonrpc import Refusal
 
-log = logging.getLogger("gateway.mcp.sessions")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)

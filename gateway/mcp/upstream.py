@@ -18,7 +18,7 @@ import aiohttp
 from gateway.config.settings import Upstream as UpstreamConfig
 from gateway.mcp.jsonrpc import Refusal
 
-log = logging.getLogger("gateway.mcp.upstream")
+log = logging.getLogger(__name__)
 
 FORWARDED_REQUEST_HEADERS = frozenset(
     {

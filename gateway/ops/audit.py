@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+#: the human-readable audit line per decision (a public logger name: operators route it)
+AUDIT_LOGGER = "gateway.audit"
+
 REDACTED_CLAIMS = frozenset({"access_token", "refresh_token", "id_token", "token"})
 
 
@@ -83,7 +86,7 @@ class DecisionLog:
         try:
             self._stream.write(json.dumps(entry, ensure_ascii=False, default=str) + "\n")
         except (OSError, ValueError) as exc:  # a full disk must not take requests down
-            logging.getLogger("gateway.ops.audit").error("decision log write failed: %s", exc)
+            logging.getLogger(__name__).error("decision log write failed: %s", exc)
 
     def close(self) -> None:
         if self._stream is not None and self._stream is not sys.stdout:

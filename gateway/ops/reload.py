@@ -17,11 +17,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gateway.config.profiles import profile_path
 from gateway.config.settings import Settings
 from gateway.policy.regotest import run_tests_isolated
-from gateway.config.profiles import profile_path
 
-log = logging.getLogger("gateway.ops.reload")
+log = logging.getLogger(__name__)
 
 
 class Reloader:

@@ -21,7 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.policy import Decision, PolicyEngine
+from gateway.policy.decision import Decision, PolicyEngine
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from typing import Any
 
 import regopy
 
-from gateway.policy import Decision, PolicyError
 from gateway.policy.bundle import Bundle
+from gateway.policy.decision import Decision, PolicyError
 
 
 def compile_interpreter(modules: dict[str, str], data: dict[str, Any]) -> regopy.Interpreter:

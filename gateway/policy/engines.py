@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from gateway.config.settings import Settings
-from gateway.policy import PolicyEngine, PolicyError
 from gateway.policy.bundle import Bundle, load_bundle
 from gateway.policy.cache import CacheDeclaration, CachingEngine
+from gateway.policy.decision import PolicyEngine, PolicyError
 from gateway.policy.embedded import EmbeddedEngine
 from gateway.policy.opa import OpaEngine
 

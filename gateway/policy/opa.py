@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 from opa_client import AsyncOpaClient
 
-from gateway.policy import Decision, PolicyError
+from gateway.policy.decision import Decision, PolicyError
 
 
 class OpaEngine:

@@ -9,8 +9,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.policy import PolicyError
 from gateway.policy.bundle import Bundle, load_bundle
+from gateway.policy.decision import PolicyError
 from gateway.policy.embedded import compile_interpreter, first_value
 
 _PACKAGE = re.compile(r"^package\s+([A-Za-z_][A-Za-z0-9_.]*)", re.MULTILINE)

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from gateway.policy import PolicyError
+from gateway.policy.decision import PolicyError
 from gateway.policy.bundle import load_bundle
 from gateway.policy.embedded import EmbeddedEngine
 from gateway.policy.opa import OpaEngine

@@ -91,7 +91,8 @@ async def test_soak_mixed_traffic_ends_clean(gateways, issuer, json_upstream, ss
         queue: asyncio.Queue[tuple[Any, str, str]] = asyncio.Queue()
         for item in items:
             queue.put_nowait(item)
-        limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
+        # idle connections are dropped before uvicorn's 5 s keep-alive timeout can close one under a request
+        limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY, keepalive_expiry=2)
         async with httpx.AsyncClient(timeout=30, limits=limits) as http:
 
             async def worker() -> None:

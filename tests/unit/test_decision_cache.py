@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from gateway.config.settings import load_config
 from gateway.policy.engines import with_decision_cache
-from gateway.policy import PolicyError
+from gateway.policy.decision import PolicyError
 from gateway.policy.bundle import load_bundle
 from gateway.policy.cache import CacheDeclaration, CachingEngine, canonical_key
 from gateway.policy.embedded import EmbeddedEngine

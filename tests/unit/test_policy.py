@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from gateway.mcp.messages import parse_post
-from gateway.policy import Action, Decision, PolicyError, build_input
+from gateway.policy.decision import Action, Decision, PolicyError
+from gateway.policy.input import build_input
 from gateway.policy.bundle import load_bundle
 from gateway.policy.embedded import EmbeddedEngine
 from gateway.policy.regotest import run_tests_isolated

@@ -11,12 +11,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-from gateway.config.settings import Settings
-from gateway.policy.engines import build_engine
-from gateway.mcp.messages import McpInputError, parse_post
-from gateway.policy import Action, Decision, build_input
-from gateway.config.profiles import Profile, load_profile
+from gateway.assembly import (
+    Gateway,  # the gateway's own verifier, built from the same config
+)
 from gateway.auth.tokens import TokenError, VerifiedToken, normalise_claims, token_hash
+from gateway.config.profiles import Profile, load_profile
+from gateway.config.settings import Settings
+from gateway.mcp.messages import McpInputError, parse_post
+from gateway.policy.decision import Action, Decision
+from gateway.policy.engines import build_engine
+from gateway.policy.input import build_input
 
 
 def redact(raw: str) -> str:
@@ -69,8 +73,6 @@ async def explain(settings: Settings, *, raw_token: str | None, claims_file: str
         token = token_from_claims(json.loads(Path(claims_file).read_text()), profile)
         lines.append(f"token: claims from {claims_file} (taken as verified)")
     elif raw_token:
-        from gateway.app import Gateway  # the gateway's own verifier, built from the same config
-
         gateway = Gateway.build(settings)
         try:
             token = await gateway.verifier.verify(raw_token)

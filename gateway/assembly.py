@@ -1,0 +1,143 @@
+"""The Gateway assembly: everything one running gateway needs, built once from the config.
+
+Expensive parts (compiled policy, HTTP clients, JWKS, verifiers, exchanger) are built here
+at start-up and again on reload; a reload hands over what must outlive it (the upstream
+pool, the decision log, metrics and sessions). The request path only reads from it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import httpx
+
+from gateway.auth.exchange import TokenExchanger
+from gateway.auth.idp import IssuerMetadata
+from gateway.auth.introspection import IntrospectionVerifier
+from gateway.auth.metadata import metadata_url
+from gateway.auth.tokens import (
+    JwksCache,
+    JwtVerifier,
+    ProfileVerifier,
+    TokenVerifier,
+    VerifiedTokenCache,
+)
+from gateway.config.profiles import Profile, load_profile
+from gateway.config.settings import Settings
+from gateway.mcp.sessions import SessionBinding, build_session_store
+from gateway.mcp.upstream import UpstreamClient
+from gateway.ops.audit import DecisionLog
+from gateway.ops.metrics import Metrics
+from gateway.policy.bundle import DeclaredScopes
+from gateway.policy.cache import CachingEngine
+from gateway.policy.decision import PolicyEngine
+from gateway.policy.engines import (
+    build_engine,
+    build_shadow_engine,
+    load_live_bundle,
+    with_decision_cache,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Gateway:
+    """Everything one running gateway needs, built once at start-up."""
+
+    settings: Settings
+    profile: Profile
+    engine: PolicyEngine
+    verifier: TokenVerifier
+    jwks: JwksCache | None
+    exchanger: TokenExchanger | None
+    idp_http: httpx.AsyncClient
+    upstream: UpstreamClient
+    metadata_url: str
+    decisions: DecisionLog
+    verified_cache: VerifiedTokenCache
+    metrics: Metrics
+    sessions: SessionBinding
+    scopes: DeclaredScopes
+    shadow: PolicyEngine | None = None
+
+    def __post_init__(self) -> None:
+        self.metrics.cache_sources = self._cache_counts
+        self.metrics.open_streams = lambda: self.upstream.open_streams
+
+    def _cache_counts(self) -> dict[str, tuple[int, int]]:
+        counts = {"verified_tokens": (self.verified_cache.hits, self.verified_cache.misses)}
+        if self.exchanger is not None:
+            counts["exchanged_tokens"] = (self.exchanger.hits, self.exchanger.requests)
+        if isinstance(self.engine, CachingEngine):
+            counts["decisions"] = (self.engine.hits, self.engine.misses)
+        return counts
+
+    @classmethod
+    def build(cls, settings: Settings, previous: Gateway | None = None) -> Gateway:
+        """Everything from the config; on reload, `previous` lends its upstream pool, log and metrics."""
+        cfg = settings.config
+        profile = load_profile(cfg.profile, settings.base_dir, resource=cfg.resource, public_url=cfg.public_url)
+        bundle = load_live_bundle(settings)
+        engine = with_decision_cache(build_engine(settings, bundle), settings, bundle)
+        idp_http = httpx.AsyncClient(timeout=httpx.Timeout(5.0), follow_redirects=False, trust_env=False)
+        issuer = IssuerMetadata(profile, idp_http)
+        verified = VerifiedTokenCache(cfg.caches.verified_tokens)
+        jwks = jwt_verifier = opaque_verifier = exchanger = None
+        if "jwt" in profile.token_kinds:
+            jwks = JwksCache(
+                profile, idp_http, issuer, refetch_interval=cfg.caches.jwks_refetch_interval, max_age=cfg.caches.jwks_max_age
+            )
+            jwt_verifier = JwtVerifier(profile, jwks, verified)
+        if "opaque" in profile.token_kinds:
+            opaque_verifier = IntrospectionVerifier(profile, issuer, idp_http, verified)
+        if profile.exchange is not None:
+            exchanger = TokenExchanger(
+                profile.exchange,
+                issuer,
+                idp_http,
+                max_entries=cfg.caches.exchanged_tokens,
+                safety_margin=profile.exchange.safety_margin,
+                failure_ttl=profile.exchange.failure_ttl,
+            )
+        return cls(
+            settings=settings,
+            profile=profile,
+            engine=engine,
+            verifier=ProfileVerifier(profile, jwt_verifier, opaque_verifier),
+            jwks=jwks,
+            exchanger=exchanger,
+            idp_http=idp_http,
+            upstream=previous.upstream if previous else UpstreamClient(cfg.upstream),
+            metadata_url=metadata_url(cfg.public_url, cfg.mcp_path),
+            decisions=previous.decisions if previous else DecisionLog(cfg.decision_log),
+            verified_cache=verified,
+            metrics=previous.metrics if previous else Metrics(),
+            sessions=previous.sessions if previous else SessionBinding(build_session_store(cfg.sessions)),
+            scopes=DeclaredScopes.from_data(bundle.data),
+            shadow=build_shadow_engine(settings),
+        )
+
+    @property
+    def scopes_supported(self) -> tuple[str, ...]:
+        """RFC 9728 `scopes_supported`: the profile's, then every scope the policy data names."""
+        return tuple(dict.fromkeys((*self.profile.scopes_supported, *self.scopes.supported)))
+
+    async def start(self) -> None:
+        if self.jwks is not None and not await self.jwks.refresh(force=True):
+            log.warning("the issuer's keys could not be loaded; /readyz stays 503 until they are")
+        await self.engine.start()
+
+    @property
+    def keys_ready(self) -> bool:
+        return self.jwks is None or self.jwks.loaded
+
+    async def aclose(self, *, shared: bool = True) -> None:
+        """Close what this gateway owns; `shared=False` keeps what a reloaded successor reuses."""
+        await self.engine.aclose()
+        await self.idp_http.aclose()
+        if shared:
+            self.decisions.close()
+            await self.upstream.aclose()
+            await self.sessions.store.aclose()

@@ -1,0 +1,292 @@
+"""The request path: every MCP request, read top to bottom.
+
+origin → token → parse → session → decide → apply (refuse, or forward with the allowed
+token) → bind the session → filter a listing → relay. Each step is a call into its wing;
+the Gateway assembly holds what the steps use. Every exit is logged as one decision.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from litestar import Request, Response
+from litestar.response import Stream
+
+from gateway.assembly import Gateway
+from gateway.auth.exchange import ExchangeError
+from gateway.auth.metadata import challenge
+from gateway.auth.tokens import TokenError, bearer_token
+from gateway.mcp import jsonrpc
+from gateway.mcp.jsonrpc import Refusal
+from gateway.mcp.listings import Listing, filter_answer, listing_for
+from gateway.mcp.messages import (
+    McpInputError,
+    McpRequest,
+    parse_post,
+    parse_stream_request,
+)
+from gateway.mcp.sessions import Owner, SessionNotFound
+from gateway.mcp.upstream import UpstreamAnswer, UpstreamError, forwarded_headers
+from gateway.ops.audit import AUDIT_LOGGER, DecisionRecord
+from gateway.policy.decision import Action, Decision, PolicyError
+from gateway.policy.input import build_input
+
+log = logging.getLogger(__name__)
+audit = logging.getLogger(AUDIT_LOGGER)
+
+
+def refusal(
+    status: int,
+    reason: str,
+    message: str,
+    *,
+    request_id: Any = None,
+    code: int | None = None,
+    www_authenticate: str | None = None,
+) -> Response[bytes]:
+    headers = {"WWW-Authenticate": www_authenticate} if www_authenticate else None
+    body = jsonrpc.error_body(code or jsonrpc.code_for_status(status, reason), message, reason=reason, request_id=request_id)
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def _headers(request: Request[Any, Any, Any]) -> dict[str, str]:
+    """Lower-case header names, first value; a repeated Authorization header is refused."""
+    out: dict[str, str] = {}
+    for name, value in request.scope["headers"]:
+        key = name.decode("latin-1").lower()
+        if key == "authorization" and key in out:
+            raise TokenError("malformed_authorization", "more than one Authorization header")
+        out.setdefault(key, value.decode("latin-1"))
+    return out
+
+
+async def _read_body(request: Request[Any, Any, Any], headers: dict[str, str], limit: int) -> bytes:
+    too_large = McpInputError(413, jsonrpc.INVALID_REQUEST, f"the request body is larger than {limit} bytes", "body_too_large")
+    declared = headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def handle_mcp(request: Request[Any, Any, Any]) -> Response[Any]:
+    """Every MCP request: run the request path, then log the decision and name it to the client."""
+    gw: Gateway = request.app.state.gateway
+    record = DecisionRecord(
+        path=gw.settings.config.policy.entrypoint, requested_by=request.client.host if request.client else None
+    )
+    response = await request_path(gw, request, record)
+    response.headers["X-Decision-Id"] = record.decision_id
+    gw.decisions.write(record, status=response.status_code)
+    gw.metrics.count(record.result)
+    return response
+
+
+async def request_path(gw: Gateway, request: Request[Any, Any, Any], record: DecisionRecord) -> Response[Any]:
+    """verify → parse → decide → apply, for POST, GET and DELETE on the MCP endpoint."""
+    cfg = gw.settings.config
+
+    # 0. Browsers' requests must come from an allowed Origin (DNS rebinding).
+    try:
+        headers = _headers(request)
+    except TokenError as exc:
+        return _token_refusal(gw, record, exc)
+    origin = headers.get("origin")
+    if origin is not None and origin not in cfg.allowed_origins:
+        return refuse(record, 403, "origin_not_allowed", "requests from this Origin are not allowed")
+
+    # 1. Verify the bearer token: the policy only ever sees verified claims.
+    try:
+        raw_token = bearer_token(headers.get("authorization"))
+        if raw_token is None:
+            www = challenge(gw.metadata_url, scope=gw.scopes.initial)
+            return refuse(record, 401, "missing_token", "a bearer token is required", www_authenticate=www)
+        with gw.metrics.timed("verify"):
+            token = await gw.verifier.verify(raw_token)
+    except TokenError as exc:
+        return _token_refusal(gw, record, exc)
+
+    # 2. Parse the MCP message (once; the raw body is what gets forwarded).
+    record.stage = "parse"
+    try:
+        if request.method == "POST":
+            body = await _read_body(request, headers, cfg.limits.max_body_bytes)
+            mcp = parse_post(body, headers, max_depth=cfg.limits.max_json_depth)
+        else:
+            mcp = parse_stream_request(request.method, headers)
+    except McpInputError as exc:
+        return refuse(record, exc.status, exc.reason, exc.message, request_id=exc.request_id, code=exc.code)
+
+    # 2b. A session id is only honoured for the user who opened it.
+    record.stage = "session"
+    owner = Owner(token.issuer, token.subject or f"client:{token.client_id}")
+    try:
+        await gw.sessions.check(mcp.session_id, owner)
+    except SessionNotFound as exc:
+        refused = refuse(record, exc.status, exc.reason, exc.message, request_id=mcp.id)
+        record.result["detail"] = exc.detail
+        return refused
+    except Refusal as exc:
+        return refuse(record, exc.status, exc.reason, exc.message, request_id=mcp.id)
+
+    # 3. Ask the policy.
+    record.stage = "policy"
+    record.input = policy_input = build_input(
+        token=token,
+        profile=gw.profile,
+        mcp=mcp,
+        http_method=request.method,
+        path=request.url.path,
+        headers=headers,
+        remote_addr=record.requested_by,
+        resource=cfg.resource,
+    )
+    record.engine = gw.engine.name
+    started = time.perf_counter_ns()
+    try:
+        with gw.metrics.timed("policy"):
+            decision = await gw.engine.decide(policy_input)
+    except PolicyError as exc:
+        log.error("policy error, request refused: %s", exc)
+        return refuse(record, 503, exc.reason, "the authorization policy could not decide", request_id=mcp.id)
+    finally:
+        record.eval_ns = time.perf_counter_ns() - started
+    record.result = decision.as_dict()
+    if gw.shadow is not None:
+        await _compare_shadow(gw, record, policy_input)
+    audit.info(
+        "decision id=%s action=%s reason=%s sub=%s kind=%s method=%s name=%s",
+        record.decision_id, decision.action.value, decision.reason, token.subject, token.kind, mcp.method or request.method, mcp.name,
+    )
+
+    # 4. Apply the decision.
+    if decision.action is Action.REJECT:
+        return _policy_refusal(gw, decision.status or 403, decision.reason, decision.scopes, mcp)
+    bearer = raw_token
+    if decision.action is Action.EXCHANGE:
+        record.stage = "exchange"
+        if gw.exchanger is None or gw.profile.exchange is None:
+            return refusal(503, "exchange_not_configured", "the policy asks for a token exchange, but the profile has no exchange section", request_id=mcp.id)
+        try:
+            with gw.metrics.timed("exchange"):
+                exchanged = await gw.exchanger.exchange(
+                    token,
+                    raw_token,
+                    audience=decision.audience or gw.profile.exchange.audience,
+                    scopes=decision.scopes or gw.profile.exchange.scope,
+                )
+        except ExchangeError as exc:
+            return refusal(exc.status, exc.reason, exc.message, request_id=mcp.id)
+        bearer = exchanged.access_token  # the client's token goes no further
+    record.stage = "upstream"
+    try:
+        answer = await _forward(gw, mcp, headers, bearer)
+    except UpstreamError as exc:
+        return refusal(exc.status, exc.reason, exc.message, request_id=mcp.id)
+    record.stage, record.upstream_status = "done", answer.status
+    try:
+        # 5. Bind a new session to its user; forget an ended one.
+        await _track_session(gw, mcp, answer, owner)
+
+        # 6. A listing shows only what the caller may use (one policy evaluation per page).
+        if (listing := listing_for(mcp.method, mcp.kind)) is not None and answer.status == 200:
+            answer = await filter_answer(answer, listing, mcp.id, _visible_names(gw, policy_input))
+    except Refusal as exc:
+        await answer.discard()
+        return refusal(exc.status, exc.reason, exc.message, request_id=mcp.id)
+    return _relay(answer)
+
+
+async def _compare_shadow(gw: Gateway, record: DecisionRecord, policy_input: dict[str, Any]) -> None:
+    """Evaluate the shadow policy on the same input; log and count, never act."""
+    assert gw.shadow is not None
+    try:
+        shadow = (await gw.shadow.decide(policy_input)).as_dict()
+    except PolicyError as exc:
+        gw.metrics.shadow.labels("error").inc()
+        log.warning("shadow policy error on decision %s: %s", record.decision_id, exc)
+        return
+    if shadow == record.result:
+        gw.metrics.shadow.labels("agree").inc()
+        return
+    gw.metrics.shadow.labels("disagree").inc()
+    record.shadow_result = shadow
+    log.warning(
+        "shadow policy disagrees on decision %s: live=%s shadow=%s",
+        record.decision_id, json.dumps(record.result), json.dumps(shadow),
+    )
+
+
+def refuse(record: DecisionRecord, status: int, reason: str, message: str, **kwargs: Any) -> Response[bytes]:
+    """A refusal before the policy decided: the decision log records it as the gateway's own."""
+    record.result = {"action": "reject", "reason": reason, "status": status}
+    return refusal(status, reason, message, **kwargs)
+
+
+def _token_refusal(gw: Gateway, record: DecisionRecord, exc: TokenError) -> Response[bytes]:
+    if exc.status == 401:
+        www = challenge(gw.metadata_url, error="invalid_token", description=exc.description)
+        return refuse(record, 401, exc.reason, exc.description, www_authenticate=www)
+    return refuse(record, exc.status, exc.reason, exc.description)
+
+
+def _policy_refusal(gw: Gateway, status: int, reason: str, scopes: tuple[str, ...], mcp: McpRequest) -> Response[bytes]:
+    www = None
+    if status == 401:
+        www = challenge(gw.metadata_url, error="invalid_token", description=reason)
+    elif status == 403 and scopes:
+        www = challenge(gw.metadata_url, error="insufficient_scope", scope=scopes)
+    message = "the token is not accepted for this resource" if status == 401 else "the request is not allowed"
+    return refusal(status, reason, message, request_id=mcp.id, www_authenticate=www)
+
+
+async def _forward(gw: Gateway, mcp: McpRequest, headers: dict[str, str], bearer: str) -> UpstreamAnswer:
+    cfg = gw.settings.config
+    with gw.metrics.timed("upstream"):  # until the answer's headers (SSE bodies stream on)
+        return await gw.upstream.send(
+            method=mcp.http_method,
+            headers=forwarded_headers(headers, cfg.upstream.forward_headers, bearer),
+            body=mcp.body,
+        )
+
+
+async def _track_session(gw: Gateway, mcp: McpRequest, answer: UpstreamAnswer, owner: Owner) -> None:
+    if mcp.method == "initialize" and answer.status == 200:
+        session_id = next((v for k, v in answer.headers if k.lower() == "mcp-session-id"), None)
+        if session_id is not None:
+            await gw.sessions.opened(session_id, owner)
+    elif mcp.http_method == "DELETE" and mcp.session_id is not None and 200 <= answer.status < 300:
+        await gw.sessions.closed(mcp.session_id)
+
+
+def _visible_names(gw: Gateway, policy_input: dict[str, Any]) -> Any:
+    """The listing's policy question: the same input plus every candidate name, asked once."""
+
+    async def visible(listing: Listing, names: list[str]) -> frozenset[str]:
+        listing_input = {**policy_input, "listing": {"catalogue": listing.catalogue, "names": names}}
+        try:
+            with gw.metrics.timed("listing"):
+                decision: Decision = await gw.engine.decide(listing_input)
+        except PolicyError as exc:
+            log.error("policy error while filtering %s, listing refused: %s", listing.method, exc)
+            raise Refusal(503, exc.reason, "the authorization policy could not filter the listing") from None
+        if decision.action is Action.REJECT or decision.visible is None:
+            log.warning("the policy gave no visible set for %s; every item hidden", listing.method)
+            return frozenset()
+        return decision.visible
+
+    return visible
+
+
+def _relay(answer: UpstreamAnswer) -> Response[Any]:
+    if answer.stream is not None:
+        return Stream(answer.stream, status_code=answer.status, headers=dict(answer.headers), media_type=answer.media_type)
+    return Response(answer.body, status_code=answer.status, headers=dict(answer.headers), media_type=answer.media_type)

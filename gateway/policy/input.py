@@ -1,0 +1,51 @@
+"""The policy input contract: the one document a policy sees for each request.
+
+Built once per request from verified claims, the profile's view and the parsed MCP
+message; never the raw token. docs/policy.md documents its shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.auth.tokens import VerifiedToken
+from gateway.config.profiles import Profile
+from gateway.mcp.messages import McpRequest
+
+#: request headers the policy may look at (never Authorization or cookies)
+POLICY_HEADERS = (
+    "accept",
+    "content-type",
+    "mcp-protocol-version",
+    "mcp-session-id",
+    "mcp-method",
+    "mcp-name",
+    "origin",
+    "user-agent",
+)
+
+
+def build_input(
+    *,
+    token: VerifiedToken,
+    profile: Profile,
+    mcp: McpRequest,
+    http_method: str,
+    path: str,
+    headers: dict[str, str],
+    remote_addr: str | None,
+    resource: str,
+) -> dict[str, Any]:
+    """The documented policy input (docs/policy.md); the only thing a policy ever sees."""
+    return {
+        "token": token.policy_view(),
+        "profile": profile.policy_view(),
+        "mcp": mcp.policy_view(),
+        "request": {
+            "method": http_method,
+            "path": path,
+            "headers": {h: headers[h] for h in POLICY_HEADERS if h in headers},
+            "remote_addr": remote_addr,
+        },
+        "gateway": {"resource": resource},
+    }
