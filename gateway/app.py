@@ -1,8 +1,8 @@
 """The Litestar app: routes, lifespan (build, start, reload, close) and error handlers.
 
 Only wiring lives here: `/mcp` is the request path (`gateway.pipeline`), the Gateway is
-built by `gateway.assembly`, and the other routes are health, readiness, metrics and the
-protected-resource metadata.
+built by `gateway.assembly`, and the other routes are health, readiness, metrics, the
+protected-resource metadata and, in proxy mode, the authorization server (`gateway.oauth.routes`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from litestar import Litestar, Request, Response, get, route
 from gateway.assembly import Gateway
 from gateway.auth.metadata import WELL_KNOWN, metadata_document, metadata_path
 from gateway.config.settings import Settings
+from gateway.oauth.routes import oauth_routes
 from gateway.ops.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.ops.reload import Reloader
 from gateway.pipeline import handle_mcp, refusal
@@ -58,13 +59,15 @@ def create_app(settings: Settings) -> Litestar:
             "policy": await gateway.engine.ready(),
             "sessions": await gateway.sessions.store.ready(),
         }
+        if gateway.oauth is not None:
+            checks["oauth_store"] = await gateway.oauth.state.store.ready()
         ready = all(checks.values())
         return Response({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
     @get([metadata_path(cfg.mcp_path), WELL_KNOWN], sync_to_thread=False)
     def protected_resource_metadata(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
         gateway = request.app.state.gateway  # follows profile and policy reloads
-        document = metadata_document(resource=cfg.resource, issuer=gateway.profile.issuer, scopes=gateway.scopes_supported)
+        document = metadata_document(resource=cfg.resource, servers=gateway.authorization_servers, scopes=gateway.scopes_supported)
         return Response(document, headers={"Access-Control-Allow-Origin": "*", "Cache-Control": "max-age=300"})
 
     @get("/metrics", sync_to_thread=False)
@@ -73,8 +76,11 @@ def create_app(settings: Settings) -> Litestar:
 
     mcp_route = route(cfg.mcp_path, http_method=["POST", "GET", "DELETE"], request_max_body_size=None)(handle_mcp)
 
+    handlers = [healthz, readyz, metrics, protected_resource_metadata, mcp_route]
+    if cfg.authorization_server.mode == "proxy":
+        handlers += oauth_routes(cfg.public_url)
     app = Litestar(
-        route_handlers=[healthz, readyz, metrics, protected_resource_metadata, mcp_route],
+        route_handlers=handlers,
         lifespan=[lifespan],
         openapi_config=None,
         logging_config=None,  # the process's logging is the CLI's (no per-request queue thread)

@@ -25,8 +25,11 @@ from gateway.auth.tokens import (
 )
 from gateway.config.profiles import Profile, load_profile
 from gateway.config.settings import Settings
+from gateway.config.yamlfile import ConfigError
 from gateway.mcp.sessions import SessionBinding, build_session_store
 from gateway.mcp.upstream import UpstreamClient
+from gateway.oauth.server import CALLBACK_PATH, AuthorizationServer, OAuthState
+from gateway.oauth.signin import IdpSignIn
 from gateway.ops.audit import DecisionLog
 from gateway.ops.metrics import Metrics
 from gateway.policy.bundle import DeclaredScopes
@@ -61,6 +64,8 @@ class Gateway:
     sessions: SessionBinding
     scopes: DeclaredScopes
     shadow: PolicyEngine | None = None
+    #: the clients' authorization server (authorization_server.mode: proxy), else None
+    oauth: AuthorizationServer | None = None
 
     def __post_init__(self) -> None:
         self.metrics.cache_sources = self._cache_counts
@@ -101,11 +106,29 @@ class Gateway:
                 safety_margin=profile.exchange.safety_margin,
                 failure_ttl=profile.exchange.failure_ttl,
             )
+        verifier = ProfileVerifier(profile, jwt_verifier, opaque_verifier)
+        declared = DeclaredScopes.from_data(bundle.data)
+        oauth = None
+        if cfg.authorization_server.mode == "proxy":
+            client = profile.gateway_client
+            if client is None:
+                raise ConfigError(
+                    f"{settings.path.name}: authorization_server.mode: proxy needs the gateway's own client at the IdP; "
+                    f"profile {profile.name} has no sign_in.client (nor an exchange or introspection client)"
+                )
+            signin = IdpSignIn(profile, client, issuer, idp_http, callback_url=cfg.public_url + CALLBACK_PATH,
+                               resource=cfg.resource, timeout=cfg.authorization_server.idp_timeout)
+            oauth = AuthorizationServer(
+                config=cfg.authorization_server, public_url=cfg.public_url, resource=cfg.resource, profile=profile,
+                verifier=verifier, signin=signin,
+                state=previous.oauth.state if previous and previous.oauth else OAuthState(cfg.authorization_server),
+                known_scopes=advertised_scopes(profile, declared), initial_scopes=declared.initial,
+            )
         return cls(
             settings=settings,
             profile=profile,
             engine=engine,
-            verifier=ProfileVerifier(profile, jwt_verifier, opaque_verifier),
+            verifier=verifier,
             jwks=jwks,
             exchanger=exchanger,
             idp_http=idp_http,
@@ -115,14 +138,20 @@ class Gateway:
             verified_cache=verified,
             metrics=previous.metrics if previous else Metrics(),
             sessions=previous.sessions if previous else SessionBinding(build_session_store(cfg.sessions)),
-            scopes=DeclaredScopes.from_data(bundle.data),
+            scopes=declared,
             shadow=build_shadow_engine(settings),
+            oauth=oauth,
         )
 
     @property
     def scopes_supported(self) -> tuple[str, ...]:
         """RFC 9728 `scopes_supported`: the profile's, then every scope the policy data names."""
-        return tuple(dict.fromkeys((*self.profile.scopes_supported, *self.scopes.supported)))
+        return advertised_scopes(self.profile, self.scopes)
+
+    @property
+    def authorization_servers(self) -> tuple[str, ...]:
+        """What the protected-resource metadata names: the gateway itself in proxy mode."""
+        return (self.settings.config.public_url,) if self.oauth is not None else (self.profile.issuer,)
 
     async def start(self) -> None:
         if self.jwks is not None and not await self.jwks.refresh(force=True):
@@ -141,3 +170,11 @@ class Gateway:
             self.decisions.close()
             await self.upstream.aclose()
             await self.sessions.store.aclose()
+            if self.oauth is not None:
+                await self.oauth.state.store.aclose()
+
+
+def advertised_scopes(profile: Profile, declared: DeclaredScopes) -> tuple[str, ...]:
+    """The profile's scopes, then every scope the policy data names; never `offline_access`
+    (a resource does not ask for it: the MCP authorization spec's SHOULD NOT)."""
+    return tuple(s for s in dict.fromkeys((*profile.scopes_supported, *declared.supported)) if s != "offline_access")

@@ -46,9 +46,12 @@ def refusal(
     request_id: Any = None,
     code: int | None = None,
     www_authenticate: str | None = None,
+    data: dict[str, Any] | None = None,
 ) -> Response[bytes]:
     headers = {"WWW-Authenticate": www_authenticate} if www_authenticate else None
-    body = jsonrpc.error_body(code or jsonrpc.code_for_status(status, reason), message, reason=reason, request_id=request_id)
+    body = jsonrpc.error_body(
+        code or jsonrpc.code_for_status(status, reason), message, reason=reason, request_id=request_id, **(data or {})
+    )
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
@@ -239,13 +242,20 @@ def _token_refusal(gw: Gateway, record: DecisionRecord, exc: TokenError) -> Resp
 
 
 def _policy_refusal(gw: Gateway, status: int, reason: str, scopes: tuple[str, ...], mcp: McpRequest) -> Response[bytes]:
-    www = None
+    www, data = None, {}
     if status == 401:
         www = challenge(gw.metadata_url, error="invalid_token", description=reason)
     elif status == 403 and scopes:
         www = challenge(gw.metadata_url, error="insufficient_scope", scope=scopes)
-    message = "the token is not accepted for this resource" if status == 401 else "the request is not allowed"
-    return refusal(status, reason, message, request_id=mcp.id, www_authenticate=www)
+    if status == 401:
+        message = "the token is not accepted for this resource"
+    elif status == 403 and scopes:
+        # clients show the message, not the header: name what to ask for
+        message = f"the request needs the scope(s) {' '.join(scopes)}: authorize again with them"
+        data = {"scopes": list(scopes)}
+    else:
+        message = "the request is not allowed"
+    return refusal(status, reason, message, request_id=mcp.id, www_authenticate=www, data=data)
 
 
 async def _forward(gw: Gateway, mcp: McpRequest, headers: dict[str, str], bearer: str) -> UpstreamAnswer:

@@ -22,10 +22,10 @@ def metadata_url(public_url: str, mcp_path: str) -> str:
     return f"{parts.scheme}://{parts.netloc}{metadata_path(parts.path.rstrip('/') + mcp_path)}"
 
 
-def metadata_document(*, resource: str, issuer: str, scopes: tuple[str, ...]) -> dict[str, Any]:
+def metadata_document(*, resource: str, servers: tuple[str, ...], scopes: tuple[str, ...]) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "resource": resource,
-        "authorization_servers": [issuer],
+        "authorization_servers": list(servers),
         "bearer_methods_supported": ["header"],
     }
     if scopes:

@@ -126,6 +126,21 @@ class IntrospectionSettings(Strict):
     _none = pydantic.field_validator("endpoint", mode="before")(_empty_to_none)
 
 
+class SignIn(Strict):
+    """How the gateway signs users in at this IdP when it is the clients' authorization server
+    (`authorization_server.mode: proxy` in gateway.yaml)."""
+
+    #: does the IdP honour RFC 8707 `resource` (Keycloak and Nextcloud's oidc app do not)?
+    #: Only then is the gateway's resource sent with the authorization and token requests.
+    resource_indicators: bool = False
+    #: scopes the gateway always asks the IdP for, besides the client's (e.g. openid)
+    scopes: tuple[str, ...] = ()
+    #: the gateway's own client at the IdP; default: the exchange or introspection client
+    client: ClientAuth | None = None
+
+    _lists = pydantic.field_validator("scopes", mode="before")(_as_list)
+
+
 class Profile(Strict):
     name: str
     description: str = ""
@@ -146,6 +161,7 @@ class Profile(Strict):
     introspection: IntrospectionSettings | None = None
     #: advertised in the protected resource metadata
     scopes_supported: tuple[str, ...] = ()
+    sign_in: SignIn = SignIn()
 
     _none = pydantic.field_validator("discovery_url", "jwks_uri", mode="before")(_empty_to_none)
     #: policy_view() is built once: it is part of every request's policy input
@@ -169,6 +185,15 @@ class Profile(Strict):
         if self.mode is Mode.EXCHANGE and self.exchange is None:
             raise ValueError("mode is exchange: an `exchange` section is required")
         return self
+
+    @property
+    def gateway_client(self) -> ClientAuth | None:
+        """The gateway's own client at the IdP (sign-in, then exchange, then introspection)."""
+        if self.sign_in.client is not None:
+            return self.sign_in.client
+        if self.exchange is not None:
+            return self.exchange.client
+        return self.introspection.client if self.introspection is not None else None
 
     @property
     def discovery_document_url(self) -> str:

@@ -108,6 +108,71 @@ class Sessions(Strict):
         return self
 
 
+class OAuthStore(Strict):
+    """Where the authorization server keeps registrations, pending sign-ins, codes and refresh
+    handles: this process (memory) or Redis, shared by every replica and worker."""
+
+    store: Literal["memory", "redis"] = "memory"
+    url: str | None = None
+    key_prefix: str = "mcp-gateway:oauth:"
+    timeout: float = pydantic.Field(1.0, gt=0)
+    max_entries: int = pydantic.Field(100_000, ge=1)
+
+    @pydantic.model_validator(mode="after")
+    def _redis_needs_url(self) -> OAuthStore:
+        if self.store == "redis" and not self.url:
+            raise ValueError("store: redis needs url (redis://host:port/db)")
+        return self
+
+
+class Registration(Strict):
+    """RFC 7591 dynamic client registration at the gateway."""
+
+    enabled: bool = True
+    #: the largest registration request accepted (bytes)
+    max_bytes: int = pydantic.Field(16_384, ge=256, le=1_048_576)
+    #: registrations per client address per minute (a burst of this many, then refilled)
+    per_address_per_minute: int = pydantic.Field(10, ge=1)
+    #: seconds a registration is kept after its last use
+    ttl: float = pydantic.Field(90 * 86_400.0, gt=0)
+
+
+class ClientMetadataDocuments(Strict):
+    """Client ID Metadata Documents: a client_id that is an https URL is fetched."""
+
+    enabled: bool = True
+    timeout: float = pydantic.Field(5.0, gt=0, le=30)
+    max_bytes: int = pydantic.Field(16_384, ge=256, le=1_048_576)
+    #: a document's Cache-Control max-age is honoured up to this many seconds
+    max_cache_seconds: float = pydantic.Field(86_400.0, ge=0)
+    #: how long a document without caching headers is kept
+    default_cache_seconds: float = pydantic.Field(300.0, ge=0)
+    #: fetch from private, loopback and link-local addresses (tests and labs only)
+    allow_private_addresses: bool = False
+    #: accept http:// document URLs (tests and labs only; the spec requires https)
+    allow_http: bool = False
+
+
+class AuthorizationServer(Strict):
+    """direct: the metadata names the IdP and clients sign in there. proxy: the gateway is
+    the clients' authorization server and signs users in at the IdP with its own client."""
+
+    mode: Literal["direct", "proxy"] = "direct"
+    store: OAuthStore = OAuthStore()
+    registration: Registration = Registration()
+    client_metadata_documents: ClientMetadataDocuments = ClientMetadataDocuments()
+    #: seconds a user may take at the IdP's sign-in page
+    sign_in_ttl: float = pydantic.Field(600.0, gt=0)
+    #: seconds the gateway's one-time code is valid (RFC 6749 recommends at most 10 minutes)
+    code_ttl: float = pydantic.Field(60.0, gt=0, le=600)
+    #: seconds a refresh handle lives without being used
+    refresh_ttl: float = pydantic.Field(30 * 86_400.0, gt=0)
+    #: authorization requests per client address per minute
+    authorize_per_address_per_minute: int = pydantic.Field(60, ge=1)
+    #: the IdP's answers to the gateway's own calls (code, refresh, revocation) may take this long
+    idp_timeout: float = pydantic.Field(10.0, gt=0)
+
+
 class Reload(Strict):
     #: watch the policy bundle (and shadow) and the profile file; SIGHUP reloads too
     watch: bool = True
@@ -127,6 +192,7 @@ class GatewayConfig(Strict):
     caches: Caches = Caches()
     reload: Reload = Reload()
     sessions: Sessions = Sessions()
+    authorization_server: AuthorizationServer = AuthorizationServer()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     #: uvicorn's one line per HTTP request (the decision log already has one per MCP request)
     access_log: bool = True

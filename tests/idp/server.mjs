@@ -14,10 +14,15 @@
 // No browser login here: tokens for a user come from a test-only grant type
 // (urn:test:grant-type:user, a confidential client names the subject), which mints them
 // through the provider's own AccessToken model, signed with the provider's keys.
-// The authorization code flow (PKCE, RFC 8707 resource indicators) runs too, for MCP
-// clients such as the SDK's OAuthClientProvider: public client `mcp-cli`; its login and
-// consent pages are answered at once, for the user named by `login_hint`, with every
-// scope asked for (a user who always says yes).
+// The authorization code flow (PKCE) runs too, shaped like the real IdPs where it matters:
+//   keycloak:  `resource` is ignored; `aud` comes from the client's "audience mappers"
+//              (the gateway's client nextcloud-mcp-server: [itself, "account"]; any other
+//              client, dynamically registered ones included: ["account"]).
+//   nextcloud: `aud` is the requesting client's own id; refresh tokens are single-use.
+// Dynamic registration (RFC 7591) is open, as on IdPs that allow it. The gateway's client
+// may use any loopback port for its callback (its /oauth/callback). Login and consent pages
+// are answered at once, for the user named by `login_hint`, with every scope asked for (a
+// user who always says yes). Refresh tokens are issued to every client allowed the grant.
 // Test-only admin endpoints under /test/: stats, failure modes, revocation.
 import http from 'node:http';
 import { parseArgs } from 'node:util';
@@ -25,8 +30,13 @@ import * as jose from 'jose';
 import Provider, { errors } from 'oidc-provider';
 
 const { values: args } = parseArgs({
-  options: { port: { type: 'string' }, shape: { type: 'string', default: 'keycloak' } },
+  options: {
+    port: { type: 'string' },
+    shape: { type: 'string', default: 'keycloak' },
+    'access-token-ttl': { type: 'string', default: '300' }, // seconds, code-flow tokens
+  },
 });
+const accessTokenTtl = Number(args['access-token-ttl']);
 const port = Number(args.port);
 const shape = args.shape;
 const base = `http://127.0.0.1:${port}`;
@@ -39,11 +49,18 @@ const USER_GRANT = 'urn:test:grant-type:user';
 const EXCHANGE_GRANT = 'urn:ietf:params:oauth:grant-type:token-exchange';
 const ACCESS_TOKEN_TYPE = 'urn:ietf:params:oauth:token-type:access_token';
 const EXCHANGE_AUDIENCES = new Set(['nextcloud', 'notes-backend']);
+// Keycloak's audience mappers: which audiences a client's tokens carry (authorization code flow)
+const AUDIENCE_MAPPERS = { [CLIENT_ID]: [CLIENT_ID, 'account'] };
+const CODE_FLOW_RESOURCE = 'urn:test:idp-api';
 
 const { privateKey } = await jose.generateKeyPair('RS256', { extractable: true });
 const signingJwk = { ...(await jose.exportJWK(privateKey)), kid: `test-${shape}-1`, alg: 'RS256', use: 'sig' };
 
-const stats = { exchanges: 0, exchange_attempts: 0, introspections: 0, tokens: 0 };
+const newStats = () => ({
+  exchanges: 0, exchange_attempts: 0, introspections: 0, tokens: 0,
+  code_grants: 0, refresh_grants: 0, revocations: 0, registrations: 0, refresh_failures: 0,
+});
+const stats = newStats();
 let exchangeMode = 'ok'; // ok | fail500 | slow | malformed
 
 const provider = new Provider(issuer, {
@@ -56,11 +73,13 @@ const provider = new Provider(issuer, {
       redirect_uris: ['http://127.0.0.1/callback'],
     },
     {
+      // the gateway's own client: exchange, introspection, and (proxy mode) the code flow
       client_id: CLIENT_ID,
       client_secret: CLIENT_SECRET,
-      grant_types: [USER_GRANT, EXCHANGE_GRANT],
-      response_types: [],
-      redirect_uris: [],
+      grant_types: [USER_GRANT, EXCHANGE_GRANT, 'authorization_code', 'refresh_token'],
+      response_types: ['code'],
+      application_type: 'native', // loopback redirect URIs match on any port (RFC 8252)
+      redirect_uris: ['http://127.0.0.1/oauth/callback'],
       token_endpoint_auth_method: 'client_secret_basic',
     },
     {
@@ -73,6 +92,7 @@ const provider = new Provider(issuer, {
     },
   ],
   jwks: { keys: [signingJwk] },
+  scopes: ['openid', 'offline_access', 'notes.read', 'notes.write', 'notes.admin'],
   features: {
     devInteractions: { enabled: false },
     introspection: {
@@ -85,19 +105,25 @@ const provider = new Provider(issuer, {
       },
     },
     revocation: { enabled: true },
+    registration: { enabled: true },
     resourceIndicators: {
       enabled: true,
-      defaultResource: () => undefined,
+      // neither IdP derives the audience from RFC 8707 `resource`: every code-flow token is
+      // for the IdP's own API, its `aud` set per shape below
+      defaultResource: () => CODE_FLOW_RESOURCE,
       useGrantedResource: () => true,
-      getResourceServerInfo: (ctx, resourceIndicator) => ({
+      getResourceServerInfo: (ctx, resourceIndicator, client) => ({
         scope: 'notes.read notes.write notes.admin',
-        audience: resourceIndicator,
-        accessTokenTTL: 300,
+        audience: client.clientId, // Keycloak's list of mapped audiences is set in the JWT customizer
+        accessTokenTTL: accessTokenTtl,
         accessTokenFormat: 'jwt',
         jwt: { sign: { alg: 'RS256' } },
       }),
     },
   },
+  issueRefreshToken: async (ctx, client) => client.grantTypeAllowed('refresh_token'),
+  // Nextcloud's refresh tokens are single-use; Keycloak's (by default) are not
+  rotateRefreshToken: () => shape === 'nextcloud',
   interactions: { url: (ctx, interaction) => `${prefix}/interaction/${interaction.uid}` },
   pkce: { required: () => true },
   // Test-minted tokens carry their claims on the instance (`_aud`, `_extra`): see mint()
@@ -106,6 +132,8 @@ const provider = new Provider(issuer, {
     customizers: {
       jwt: async (ctx, token, jwt) => {
         if (token._aud !== undefined) jwt.payload.aud = token._aud;
+        else if (shape === 'keycloak' && token.gty !== USER_GRANT) jwt.payload.aud = AUDIENCE_MAPPERS[token.clientId] ?? ['account'];
+        jwt.payload.azp ??= token.clientId; // both IdPs name the client that obtained the token
         if (shape === 'keycloak') {
           jwt.header = { typ: 'JWT' };
           jwt.payload.typ = 'Bearer';
@@ -119,6 +147,18 @@ const provider = new Provider(issuer, {
   ttl: { AccessToken: 300 },
 });
 provider.proxy = false;
+provider.on('grant.success', (ctx) => {
+  if (ctx.oidc.params.grant_type === 'authorization_code') stats.code_grants += 1;
+  if (ctx.oidc.params.grant_type === 'refresh_token') stats.refresh_grants += 1;
+});
+provider.on('grant.error', (ctx) => {
+  if (ctx.oidc.params?.grant_type === 'refresh_token') stats.refresh_failures += 1;
+});
+for (const event of ['server_error', 'authorization.error', 'grant.error', 'registration_create.error', 'revocation.error']) {
+  provider.on(event, (ctx, err) => { process.stderr.write(`${event}: ${err?.name}: ${err?.message} ${err?.error_description ?? ''}\n`); });
+}
+provider.on('refresh_token.destroyed', () => { stats.revocations += 1; }); // revoked (rotation consumes, never destroys)
+provider.on('registration_create.success', () => { stats.registrations += 1; });
 
 function jwtResourceServer(lifetime) {
   return new provider.ResourceServer('urn:test:jwt', {
@@ -151,7 +191,8 @@ provider.registerGrantType(USER_GRANT, async (ctx) => {
   const p = ctx.oidc.params;
   const resource = p.resource;
   let aud;
-  if (p.audience?.length) aud = p.audience.length === 1 && shape !== 'keycloak' ? p.audience[0] : [...p.audience];
+  const audiences = [].concat(p.audience ?? []); // one value arrives as a string, several as a list
+  if (audiences.length) aud = audiences.length === 1 && shape !== 'keycloak' ? audiences[0] : audiences;
   else if (shape === 'keycloak') aud = [CLIENT_ID, 'account'];
   else aud = resource || ctx.oidc.client.clientId;
   const format = p.format || 'jwt';
@@ -232,7 +273,7 @@ async function admin(req, res, url) {
   };
   if (url.pathname === '/test/stats') return send(200, { ...stats, exchangeMode });
   if (url.pathname === '/test/reset') {
-    Object.assign(stats, { exchanges: 0, exchange_attempts: 0, introspections: 0, tokens: 0 });
+    Object.assign(stats, newStats());
     exchangeMode = 'ok';
     return send(200, { ok: true });
   }

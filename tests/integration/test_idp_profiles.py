@@ -155,6 +155,7 @@ def test_malformed_exchange_answer_is_502(gateways, keycloak_idp, backend_upstre
 
 def test_subject_token_not_for_the_gateway_is_refused_by_audience(keycloak_gateway, keycloak_idp, backend_upstream) -> None:
     token = keycloak_idp.token("hank", audience=["account"])
+    assert claims_of(token)["aud"] == ["account"]  # one audience, not a list of its letters
     resp = post(keycloak_gateway.mcp_url, token, LIST)
     assert resp.status_code == 401 and reason(resp) == "audience_not_accepted"
     assert keycloak_idp.stats()["exchanges"] == 0 and backend_upstream.requests() == []
