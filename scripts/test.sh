@@ -15,4 +15,6 @@ if ! command -v redis-server >/dev/null 2>&1 && [ ! -x /usr/bin/redis-server ]; 
 fi
 # the tests' OpenID provider (oidc-provider on Node), pinned by tests/idp/package-lock.json
 (cd tests/idp && npm ci --no-audit --no-fund --loglevel=error)
+# real MCP clients the tests drive (mcp-remote, the Inspector CLI), pinned by tests/clients/package-lock.json
+(cd tests/clients && npm ci --no-audit --no-fund --loglevel=error)
 exec .venv/bin/python -m pytest -q "$@"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -27,7 +28,7 @@ def follow(url: str, *, user: str = "alice", stop_at: str | None = None, max_hop
     url = f"{url}{sep}login_hint={user}"
     with httpx.Client(follow_redirects=False, timeout=20, trust_env=False) as http:
         for _ in range(max_hops):
-            resp = http.get(url)
+            resp = _get(http, url)
             location = resp.headers.get("location")
             if resp.status_code not in (301, 302, 303, 307, 308) or not location:
                 if stop_at is not None:
@@ -37,6 +38,19 @@ def follow(url: str, *, user: str = "alice", stop_at: str | None = None, max_hop
             if stop_at is not None and url.startswith(stop_at):
                 return url
     raise AssertionError("too many redirects")
+
+
+def _get(http: httpx.Client, url: str) -> httpx.Response:
+    """GET; a client's loopback callback server may not listen yet (a person is slower than
+    this browser): keep trying it for a few seconds."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return http.get(url)
+        except httpx.ConnectError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def query_of(url: str) -> dict[str, str]:
