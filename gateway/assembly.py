@@ -23,9 +23,8 @@ from gateway.auth.tokens import (
     TokenVerifier,
     VerifiedTokenCache,
 )
-from gateway.config.profiles import Profile, load_profile
+from gateway.config.profiles import Profile, load_profile, proxy_client
 from gateway.config.settings import Settings
-from gateway.config.yamlfile import ConfigError
 from gateway.mcp.sessions import SessionBinding, build_session_store
 from gateway.mcp.upstream import UpstreamClient
 from gateway.oauth.server import CALLBACK_PATH, AuthorizationServer, OAuthState
@@ -110,12 +109,7 @@ class Gateway:
         declared = DeclaredScopes.from_data(bundle.data)
         oauth = None
         if cfg.authorization_server.mode == "proxy":
-            client = profile.gateway_client
-            if client is None:
-                raise ConfigError(
-                    f"{settings.path.name}: authorization_server.mode: proxy needs the gateway's own client at the IdP; "
-                    f"profile {profile.name} has no sign_in.client (nor an exchange or introspection client)"
-                )
+            client = proxy_client(profile, settings.path.name)
             signin = IdpSignIn(profile, client, issuer, idp_http, callback_url=cfg.public_url + CALLBACK_PATH,
                                resource=cfg.resource, timeout=cfg.authorization_server.idp_timeout)
             oauth = AuthorizationServer(

@@ -69,18 +69,21 @@ def print_report(report: TestReport, *, verbose: bool = False) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from gateway.config.profiles import load_profile
+    from gateway.config.profiles import load_profile, proxy_client
     from gateway.policy.engines import build_engine
 
     try:
         settings = load_config(resolve_config_path(args.config))
         cfg = settings.config
         profile = load_profile(cfg.profile, settings.base_dir, resource=cfg.resource, public_url=cfg.public_url)
+        client = proxy_client(profile, settings.path.name) if cfg.authorization_server.mode == "proxy" else None
         build_engine(settings)
     except (ConfigError, PolicyError) as exc:
         return _fail(str(exc))
     print(f"config ok: {settings.path}")
     print(f"profile ok: {profile.name} (issuer {profile.issuer}, mode {profile.mode.value})")
+    if client is not None:
+        print(f"authorization server: proxy (signs users in at the IdP as client {client.client_id})")
     print(f"policy ok: {settings.bundle_dir} compiles, entrypoint {cfg.policy.entrypoint}")
     report = run_tests_isolated(settings.bundle_dir)
     print_report(report)
@@ -116,7 +119,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     from gateway.dev.demo import run_dev
 
     _setup_logging("warning")
-    return run_dev(host=args.host, port=args.port)
+    return run_dev(host=args.host, port=args.port, user=args.user)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     dev = sub.add_parser("dev", help="demo: a notes MCP server, a dev issuer and the gateway, one command")
     dev.add_argument("--host", default="127.0.0.1")
     dev.add_argument("--port", type=int, default=8080, help="the gateway's port")
+    dev.add_argument("--user", default="alice", help="the demo user the dev issuer signs in (default: alice)")
     dev.set_defaults(func=cmd_dev)
 
     policy = sub.add_parser("policy", help="policy tools")

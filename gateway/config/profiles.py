@@ -236,6 +236,17 @@ class Profile(Strict):
         }
 
 
+def proxy_client(profile: Profile, config_file: str) -> ClientAuth:
+    """The gateway's own client at the IdP, which proxy mode cannot do without."""
+    client = profile.gateway_client
+    if client is None:
+        raise ConfigError(
+            f"{config_file}: authorization_server.mode: proxy needs the gateway's own client at the IdP; "
+            f"profile {profile.name} has no sign_in.client (nor an exchange or introspection client)"
+        )
+    return client
+
+
 def profile_path(ref: str, base_dir: Path) -> Path:
     """A bare name (`keycloak`) is a shipped profile; anything else is a path."""
     if "/" not in ref and not ref.endswith((".yaml", ".yml")):

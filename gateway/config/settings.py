@@ -133,7 +133,7 @@ class Registration(Strict):
     max_bytes: int = pydantic.Field(16_384, ge=256, le=1_048_576)
     #: registrations per client address per minute (a burst of this many, then refilled)
     per_address_per_minute: int = pydantic.Field(10, ge=1)
-    #: seconds a registration is kept after its last use
+    #: seconds a registration is kept after it was made
     ttl: float = pydantic.Field(90 * 86_400.0, gt=0)
 
 

@@ -136,3 +136,28 @@ def test_explain_verifies_a_real_token_and_never_prints_it(tmp_path: Path, issue
     assert token not in ok.stdout and token.split(".")[2] not in ok.stdout
     bad = cli("explain", "--config", str(cfg), "--token", issuer.mint(aud="x", lifetime=-600), "--tool", "list_notes")
     assert bad.returncode == 1 and "refuse with status 401 (expired)" in bad.stdout
+
+
+def test_proxy_mode_without_a_gateway_client_stops_check_and_serve(tmp_path: Path) -> None:
+    """A profile with no client of the gateway's own at the IdP: proxy mode cannot work."""
+    (tmp_path / "profile.yaml").write_text("name: bare\nissuer: http://127.0.0.1:1\n")
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        f"public_url: http://127.0.0.1:{free_port()}\nupstream: {{url: http://127.0.0.1:1/mcp}}\nprofile: ./profile.yaml\n"
+        "authorization_server: {mode: proxy}\n"
+    )
+    for command in ("check", "serve"):
+        result = cli(command, "--config", str(config))
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "gateway.yaml: authorization_server.mode: proxy needs the gateway's own client at the IdP" in result.stderr
+
+
+def test_check_names_the_proxy_client(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        "public_url: http://127.0.0.1:8080\nupstream: {url: http://127.0.0.1:1/mcp}\nprofile: nextcloud-oidc\n"
+        "authorization_server: {mode: proxy}\n"
+    )
+    result = cli("check", "--config", str(config), env=SHIPPED_ENV)
+    assert result.returncode == 0, result.stderr
+    assert "authorization server: proxy (signs users in at the IdP as client nextcloud-mcp-server)" in result.stdout

@@ -351,3 +351,25 @@ def test_no_secret_in_the_log(proxy: GatewayProcess, client: dict[str, Any]) -> 
     log = proxy.log()
     for secret in (code, verifier, issued["access_token"], issued["refresh_token"]):
         assert secret not in log
+
+
+def test_two_replicas_share_registrations_codes_and_refresh_tokens_through_redis(gateways: Any, nextcloud_idp: Any,
+                                                                                  nextcloud_upstream: Any, redis_server: Any) -> None:
+    config = {"authorization_server": {"mode": "proxy", "store": {"store": "redis", "url": redis_server.url}}, "policy": DATA}
+    a, b = (gateways.start(profile="nextcloud-oidc", upstream_url=nextcloud_upstream.url, env=nextcloud_env(nextcloud_idp),
+                           config=config, replica=name) for name in ("a", "b"))
+    client = register(b).json()  # registered at B
+    verifier, challenge = pkce()
+    code = sign_in(a, client["client_id"], challenge)  # signed in through A
+    issued = redeem(b, client["client_id"], code, verifier)  # redeemed at B
+    assert issued.status_code == 200, issued.text
+    refreshed = token(a, {"grant_type": "refresh_token", "client_id": client["client_id"], "refresh_token": issued.json()["refresh_token"]})
+    assert refreshed.status_code == 200, refreshed.text  # refreshed at A
+    reply = redis_server.command("KEYS", "mcp-gateway:oauth:*")
+    keys = [line for line in reply.split("\r\n") if line.startswith("mcp-gateway:oauth:")]
+    assert any(k.startswith("mcp-gateway:oauth:client:") for k in keys) and any(k.startswith("mcp-gateway:oauth:refresh:") for k in keys)
+    values = "".join(redis_server.command("GET", k) for k in keys if not k.startswith("mcp-gateway:oauth:family:"))
+    for secret in (code, issued.json()["refresh_token"], issued.json()["access_token"],
+                   refreshed.json()["access_token"], refreshed.json()["refresh_token"]):
+        assert all(secret not in k for k in keys) and secret not in values  # hashes as keys, sealed values
+    assert error_of(redeem(a, client["client_id"], code, verifier)) == "invalid_grant"  # the code is one-time across replicas

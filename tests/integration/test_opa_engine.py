@@ -6,8 +6,8 @@ import subprocess
 
 import pytest
 
-from gateway.policy.decision import PolicyError
 from gateway.policy.bundle import load_bundle
+from gateway.policy.decision import PolicyError
 from gateway.policy.embedded import EmbeddedEngine
 from gateway.policy.opa import OpaEngine
 from tests.conftest import ROOT, find_opa, free_port, make_profile, start_opa

@@ -24,8 +24,8 @@ def follow(url: str, *, user: str = "alice", stop_at: str | None = None, max_hop
     the client's redirect URI when nothing listens there. Without, follow until an answer
     that is not a redirect: a loopback client's callback server has then received its code.
     """
-    sep = "&" if urlsplit(url).query else "?"
-    url = f"{url}{sep}login_hint={user}"
+    if user:  # who signs in at the IdP (none: the IdP's own choice, e.g. `dev --user`)
+        url = f"{url}{'&' if urlsplit(url).query else '?'}login_hint={user}"
     with httpx.Client(follow_redirects=False, timeout=20, trust_env=False) as http:
         for _ in range(max_hops):
             resp = _get(http, url)

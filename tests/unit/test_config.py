@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config.settings import load_config
 from gateway.config.profiles import Mode, load_profile
+from gateway.config.settings import load_config
 from gateway.config.yamlfile import ConfigError, expand_env
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,11 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.config.settings import load_config
-from gateway.policy.engines import with_decision_cache
-from gateway.policy.decision import PolicyError
 from gateway.policy.bundle import load_bundle
 from gateway.policy.cache import CacheDeclaration, CachingEngine, canonical_key
+from gateway.policy.decision import PolicyError
 from gateway.policy.embedded import EmbeddedEngine
+from gateway.policy.engines import with_decision_cache
 from tests.unit.test_policy import RULES, policy_input, profile, token
 
 ROOT = Path(__file__).resolve().parents[2]

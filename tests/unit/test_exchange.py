@@ -9,8 +9,8 @@ import pytest
 
 from gateway.auth.exchange import ExchangeError, TokenExchanger
 from gateway.auth.idp import IssuerMetadata
-from gateway.config.profiles import Profile
 from gateway.auth.tokens import VerifiedToken, token_hash
+from gateway.config.profiles import Profile
 from tests.conftest import IDP_CLIENT
 
 

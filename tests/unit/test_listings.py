@@ -14,7 +14,12 @@ import pytest
 
 from gateway.mcp.jsonrpc import Refusal
 from gateway.mcp.listings import LISTINGS, filter_answer
-from gateway.mcp.sessions import MemorySessionStore, Owner, SessionBinding, SessionNotFound
+from gateway.mcp.sessions import (
+    MemorySessionStore,
+    Owner,
+    SessionBinding,
+    SessionNotFound,
+)
 from gateway.mcp.upstream import UpstreamAnswer, UpstreamError
 
 TOOLS = LISTINGS["tools/list"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from mcp.shared.inbound import encode_header_value
 
 from gateway.mcp.messages import McpInputError, parse_post, parse_stream_request
-from mcp.shared.inbound import encode_header_value
 
 
 def parse(body: object, **headers: str):

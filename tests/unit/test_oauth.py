@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.oauth.clients import OAuthError, _address_allowed, check_redirect_uri, client_from_metadata, redirect_matches
+from gateway.oauth.clients import (
+    OAuthError,
+    _address_allowed,
+    check_redirect_uri,
+    client_from_metadata,
+    redirect_matches,
+)
 from gateway.oauth.server import single_params, with_query
 from gateway.oauth.store import MemoryStore, RateLimiter, key_of, seal, unseal
 

@@ -7,14 +7,14 @@ from typing import Any
 
 import pytest
 
-from gateway.mcp.messages import parse_post
-from gateway.policy.decision import Action, Decision, PolicyError
-from gateway.policy.input import build_input
-from gateway.policy.bundle import load_bundle
-from gateway.policy.embedded import EmbeddedEngine
-from gateway.policy.regotest import run_tests_isolated
-from gateway.config.profiles import Profile
 from gateway.auth.tokens import VerifiedToken
+from gateway.config.profiles import Profile
+from gateway.mcp.messages import parse_post
+from gateway.policy.bundle import load_bundle
+from gateway.policy.decision import Action, Decision, PolicyError
+from gateway.policy.embedded import EmbeddedEngine
+from gateway.policy.input import build_input
+from gateway.policy.regotest import run_tests_isolated
 
 ROOT = Path(__file__).resolve().parents[2]
 RESOURCE = "http://gw.example/mcp"

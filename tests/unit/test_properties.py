@@ -16,8 +16,12 @@ from hypothesis import strategies as st
 
 from gateway.mcp import jsonrpc
 from gateway.mcp.messages import McpInputError, parse_post
+from gateway.mcp.upstream import (
+    FORWARDED_REQUEST_HEADERS,
+    HOP_BY_HOP,
+    forwarded_headers,
+)
 from gateway.policy.input import build_input
-from gateway.mcp.upstream import FORWARDED_REQUEST_HEADERS, HOP_BY_HOP, forwarded_headers
 from tests.unit.test_policy import RESOURCE, RULES, profile, token
 
 CLIENT_TOKEN = "eyJhbGciOiJSUzI1NiJ9.client-token-under-test.signature"

@@ -12,8 +12,14 @@ import pytest
 from joserfc import jws
 from joserfc.jwk import RSAKey
 
+from gateway.auth.tokens import (
+    JwksCache,
+    JwtVerifier,
+    TokenError,
+    VerifiedTokenCache,
+    bearer_token,
+)
 from gateway.config.profiles import Profile
-from gateway.auth.tokens import JwksCache, JwtVerifier, TokenError, VerifiedTokenCache, bearer_token
 
 
 def make_verifier(issuer: Any, http: httpx.AsyncClient, **jwks_kw: Any) -> JwtVerifier:
