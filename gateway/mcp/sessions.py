@@ -23,6 +23,7 @@ from typing import Protocol
 
 from gateway.config.settings import Sessions as SessionsConfig
 from gateway.mcp.jsonrpc import Refusal
+from gateway.state.redis import RedisConnection
 
 log = logging.getLogger(__name__)
 
@@ -106,18 +107,12 @@ class RedisSessionStore:
     renewed on every use (GETEX)."""
 
     def __init__(self, url: str, ttl: float, prefix: str, timeout: float) -> None:
-        import redis.asyncio as redis
-
         self._ttl = max(1, int(ttl))
         self._prefix = prefix
-        self._redis = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
-        self._errors = (redis.RedisError, OSError)
+        self._redis = RedisConnection(url, timeout, lambda error: SessionStoreError(f"the session store cannot be reached ({error})"))
 
     async def owner(self, key: str) -> Owner | None:
-        try:
-            raw = await self._redis.getex(self._prefix + key, ex=self._ttl)
-        except self._errors as exc:
-            raise SessionStoreError(f"the session store cannot be reached ({type(exc).__name__})") from None
+        raw = await self._redis.call("getex", self._prefix + key, ex=self._ttl)
         if raw is None:
             return None
         try:
@@ -128,22 +123,16 @@ class RedisSessionStore:
             return None
 
     async def bind(self, key: str, owner: Owner) -> None:
-        try:
-            await self._redis.set(self._prefix + key, json.dumps([owner.issuer, owner.subject]), ex=self._ttl)
-        except self._errors as exc:
-            raise SessionStoreError(f"the session store cannot be reached ({type(exc).__name__})") from None
+        await self._redis.call("set", self._prefix + key, json.dumps([owner.issuer, owner.subject]), ex=self._ttl)
 
     async def forget(self, key: str) -> None:
         try:
-            await self._redis.delete(self._prefix + key)
-        except self._errors as exc:
-            log.warning("could not forget session %s…: %s", key[:12], type(exc).__name__)
+            await self._redis.call("delete", self._prefix + key)
+        except SessionStoreError as exc:
+            log.warning("could not forget session %s…: %s", key[:12], exc.message)
 
     async def ready(self) -> bool:
-        try:
-            return bool(await self._redis.ping())
-        except self._errors:
-            return False
+        return await self._redis.ready()
 
     async def aclose(self) -> None:
         await self._redis.aclose()

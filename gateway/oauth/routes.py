@@ -14,6 +14,7 @@ from litestar import Request, Response, get, post
 from litestar.handlers import HTTPRouteHandler
 from litestar.response import Redirect as RedirectResponse
 
+from gateway.mcp.jsonrpc import Refusal
 from gateway.oauth.clients import OAuthError
 from gateway.oauth.server import (
     AUTHORIZE_PATH,
@@ -85,6 +86,11 @@ async def _form(request: Request[Any, Any, Any]) -> list[tuple[str, str]]:
     return _pairs(await _body(request, _MAX_FORM))
 
 
+def _as_oauth(exc: Refusal) -> OAuthError:
+    """A refusal from below (the store is down: 503) in OAuth's words."""
+    return OAuthError("temporarily_unavailable", exc.message, status=exc.status)
+
+
 def oauth_error(exc: OAuthError, *, cors: bool = True) -> Response[bytes]:
     headers = {**_NO_STORE, **(_CORS if cors else {})}
     if isinstance(exc, RateLimited):
@@ -106,6 +112,8 @@ def oauth_routes(public_url: str) -> list[HTTPRouteHandler]:
             return Response(_server(request).metadata(), headers={**_CORS, "Cache-Control": "max-age=300"})
         except OAuthError as exc:
             return oauth_error(exc)
+        except Refusal as refusal:
+            return oauth_error(_as_oauth(refusal))
 
     @get(AUTHORIZE_PATH)
     async def authorize(request: Request[Any, Any, Any]) -> Response[Any]:
@@ -113,6 +121,8 @@ def oauth_routes(public_url: str) -> list[HTTPRouteHandler]:
             return _redirect(await _server(request).authorize(_query(request), _address(request)))
         except OAuthError as exc:  # shown to the user: the client or its redirect URI is not known
             return oauth_error(exc, cors=False)
+        except Refusal as refusal:
+            return oauth_error(_as_oauth(refusal), cors=False)
 
     @get(CALLBACK_PATH)
     async def callback(request: Request[Any, Any, Any]) -> Response[Any]:
@@ -120,6 +130,8 @@ def oauth_routes(public_url: str) -> list[HTTPRouteHandler]:
             return _redirect(await _server(request).callback(_query(request)))
         except OAuthError as exc:
             return oauth_error(exc, cors=False)
+        except Refusal as refusal:
+            return oauth_error(_as_oauth(refusal), cors=False)
 
     @post(TOKEN_PATH, status_code=200, request_max_body_size=None)
     async def token(request: Request[Any, Any, Any]) -> Response[Any]:
@@ -127,6 +139,8 @@ def oauth_routes(public_url: str) -> list[HTTPRouteHandler]:
             answer = await _server(request).token(await _form(request), request.headers.get("authorization"))
         except OAuthError as exc:
             return oauth_error(exc)
+        except Refusal as refusal:
+            return oauth_error(_as_oauth(refusal))
         return Response(answer, headers={**_NO_STORE, **_CORS})
 
     @post(REGISTER_PATH, status_code=201, request_max_body_size=None)
@@ -136,6 +150,8 @@ def oauth_routes(public_url: str) -> list[HTTPRouteHandler]:
             answer = await server.register(await _body(request, server.config.registration.max_bytes), _address(request))
         except OAuthError as exc:
             return oauth_error(exc)
+        except Refusal as refusal:
+            return oauth_error(_as_oauth(refusal))
         return Response(answer, status_code=201, headers={**_NO_STORE, **_CORS})
 
     @post(REVOKE_PATH, status_code=200, request_max_body_size=None)
@@ -144,6 +160,8 @@ def oauth_routes(public_url: str) -> list[HTTPRouteHandler]:
             await _server(request).revoke(await _form(request), request.headers.get("authorization"))
         except OAuthError as exc:
             return oauth_error(exc)
+        except Refusal as refusal:
+            return oauth_error(_as_oauth(refusal))
         return Response(b"", headers={**_NO_STORE, **_CORS})
 
     return [as_metadata, authorize, callback, token, register, revoke]

@@ -289,11 +289,7 @@ class AuthorizationServer:
         code = form.get("code", "")
         if not code:
             raise OAuthError("invalid_request", "code is required")
-        blob = await self._store.take(key_of("code", code))
-        entry = unseal(code, "code", blob) if blob else None
-        if entry is None:
-            await self._replayed("used-code", code)
-            raise OAuthError("invalid_grant", "the code is invalid, expired or already used")
+        entry, _ = await self._take_once("code", code, "the code")
         tokens = entry["tokens"]
         issued = [[tokens["access_token"], "access_token"]]
         if tokens.get("refresh_token"):
@@ -318,11 +314,7 @@ class AuthorizationServer:
         handle = form.get("refresh_token", "")
         if not handle:
             raise OAuthError("invalid_request", "refresh_token is required")
-        blob = await self._store.take(key_of("refresh", handle))
-        entry = unseal(handle, "refresh", blob) if blob else None
-        if entry is None:
-            await self._replayed("used-refresh", handle)
-            raise OAuthError("invalid_grant", "the refresh token is invalid, expired or already used")
+        entry, blob = await self._take_once("refresh", handle, "the refresh token")
         if entry["client_id"] != client.client_id:
             await self._revoke_family(entry["family"], [[entry["idp_refresh_token"], "refresh_token"]])
             log.warning("a refresh token was presented by another client; its family is revoked")
@@ -348,6 +340,16 @@ class AuthorizationServer:
         answer["refresh_token"] = await self._new_handle(client.client_id, entry["family"], idp_refresh, tokens.scope or entry.get("scope"))
         return answer
 
+    async def _take_once(self, kind: str, secret: str, what: str) -> tuple[dict[str, Any], str]:
+        """The entry a code or handle unlocks, taken so nobody gets it twice; a second use
+        finds its tombstone (`used-<kind>`) instead and revokes what the first one issued."""
+        blob = await self._store.take(key_of(kind, secret))
+        entry = unseal(secret, kind, blob) if blob else None
+        if entry is None or blob is None:
+            await self._replayed(f"used-{kind}", secret)
+            raise OAuthError("invalid_grant", f"{what} is invalid, expired or already used")
+        return entry, blob
+
     async def _new_handle(self, client_id: str, family: str, idp_refresh_token: str, scope: str | None) -> str:
         handle = secrets.token_urlsafe(32)
         entry = {"client_id": client_id, "family": family, "idp_refresh_token": idp_refresh_token, "scope": scope}
@@ -361,7 +363,7 @@ class AuthorizationServer:
         tombstone = unseal(secret, kind, blob) if blob else None
         if tombstone is None:
             return
-        log.warning("a %s was used twice: refused, and the tokens it issued are revoked", "code" if kind == "used-code" else "refresh token")
+        log.warning("a %s was used twice: refused, and the tokens it issued are revoked", kind.removeprefix("used-"))
         await self._revoke_family(tombstone["family"], tombstone.get("revoke", []))
 
     async def _revoke_family(self, family: str, issued: list[list[str]]) -> None:

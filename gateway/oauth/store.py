@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from gateway.config.settings import OAuthStore as OAuthStoreConfig
 from gateway.mcp.jsonrpc import Refusal
+from gateway.state.redis import RedisConnection
 
 log = logging.getLogger(__name__)
 
@@ -118,39 +119,27 @@ class RedisStore:
     """Shared by every replica: `<prefix><key>` with a TTL; `take` is GETDEL (Redis 6.2+)."""
 
     def __init__(self, url: str, prefix: str, timeout: float) -> None:
-        import redis.asyncio as redis
-
         self._prefix = prefix
-        self._redis = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
-        self._errors = (redis.RedisError, OSError)
-
-    async def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await getattr(self._redis, name)(*args, **kwargs)
-        except self._errors as exc:
-            raise StoreUnavailable(f"the authorization server's store cannot be reached ({type(exc).__name__})") from None
+        self._redis = RedisConnection(url, timeout, lambda error: StoreUnavailable(f"the authorization server's store cannot be reached ({error})"))
 
     @staticmethod
     def _text(raw: Any) -> str | None:
         return raw.decode() if isinstance(raw, bytes) else raw
 
     async def put(self, key: str, value: str, ttl: float) -> None:
-        await self._call("set", self._prefix + key, value, px=max(1, int(ttl * 1000)))
+        await self._redis.call("set", self._prefix + key, value, px=max(1, int(ttl * 1000)))
 
     async def get(self, key: str) -> str | None:
-        return self._text(await self._call("get", self._prefix + key))
+        return self._text(await self._redis.call("get", self._prefix + key))
 
     async def take(self, key: str) -> str | None:
-        return self._text(await self._call("getdel", self._prefix + key))
+        return self._text(await self._redis.call("getdel", self._prefix + key))
 
     async def delete(self, key: str) -> None:
-        await self._call("delete", self._prefix + key)
+        await self._redis.call("delete", self._prefix + key)
 
     async def ready(self) -> bool:
-        try:
-            return bool(await self._redis.ping())
-        except self._errors:
-            return False
+        return await self._redis.ready()
 
     async def aclose(self) -> None:
         await self._redis.aclose()

@@ -373,3 +373,16 @@ def test_two_replicas_share_registrations_codes_and_refresh_tokens_through_redis
                    refreshed.json()["access_token"], refreshed.json()["refresh_token"]):
         assert all(secret not in k for k in keys) and secret not in values  # hashes as keys, sealed values
     assert error_of(redeem(a, client["client_id"], code, verifier)) == "invalid_grant"  # the code is one-time across replicas
+
+
+def test_oauth_store_down_is_503_and_not_ready(gateways: Any, nextcloud_idp: Any, nextcloud_upstream: Any) -> None:
+    down = f"redis://127.0.0.1:{free_port()}/0"
+    gw = gateways.start(profile="nextcloud-oidc", upstream_url=nextcloud_upstream.url, env=nextcloud_env(nextcloud_idp),
+                        config={"authorization_server": {"mode": "proxy", "store": {"store": "redis", "url": down, "timeout": 0.5}}})
+    registered = register(gw)
+    assert registered.status_code == 503 and error_of(registered) == "temporarily_unavailable"
+    ready = httpx.get(gw.base + "/readyz")
+    assert ready.status_code == 503 and ready.json()["checks"]["oauth_store"] is False
+    grants = nextcloud_idp.stats()["code_grants"]
+    assert httpx.get(gw.base + "/oauth/callback", params={"state": "s", "code": "c"}).status_code == 503
+    assert nextcloud_idp.stats()["code_grants"] == grants

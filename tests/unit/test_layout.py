@@ -16,6 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "gateway"
 #: bottom first; a module may import its own wing and any wing before it
 LAYERS = [
     "gateway.config",
+    "gateway.state",
     "gateway.mcp",
     "gateway.auth",
     "gateway.policy",

@@ -100,3 +100,24 @@ def test_rate_limiter_refills() -> None:
     allowed, retry = limiter.allow("a")
     assert not allowed and 0 < retry <= 30
     assert limiter.allow("b")[0]  # another address is not affected
+
+
+async def test_an_unreachable_redis_is_a_503_refusal_not_a_crash() -> None:
+    """Both Redis-backed stores turn an outage into their own 503 refusal (a closed port here)."""
+    from gateway.mcp.sessions import RedisSessionStore, SessionStoreError
+    from gateway.oauth.store import RedisStore, StoreUnavailable
+    from tests.conftest import free_port
+
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    sessions = RedisSessionStore(url, ttl=60, prefix="t:", timeout=0.5)
+    with pytest.raises(SessionStoreError) as exc:
+        await sessions.owner("k")
+    assert exc.value.status == 503 and exc.value.reason == "session_store_unavailable"
+    assert not await sessions.ready()
+    await sessions.forget("k")  # forgetting never fails a request
+    oauth = RedisStore(url, prefix="t:", timeout=0.5)
+    with pytest.raises(StoreUnavailable) as unavailable:
+        await oauth.take("k")
+    assert unavailable.value.status == 503 and unavailable.value.reason == "oauth_store_unavailable"
+    await sessions.aclose()
+    await oauth.aclose()
