@@ -62,7 +62,7 @@ def create_app(settings: Settings) -> Litestar:
         if gateway.oauth is not None:
             checks["oauth_store"] = await gateway.oauth.state.store.ready()
         ready = all(checks.values())
-        return Response({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+        return Response({"ready": ready, "checks": checks, "engine": gateway.engine_report}, status_code=200 if ready else 503)
 
     @get([metadata_path(cfg.mcp_path), WELL_KNOWN], sync_to_thread=False)
     def protected_resource_metadata(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:

@@ -143,6 +143,16 @@ class Gateway:
         return advertised_scopes(self.profile, self.scopes)
 
     @property
+    def engine_report(self) -> dict[str, str]:
+        """Which engine decides, and where its module came from or why it stands in (/readyz)."""
+        engine = self.engine.engine if isinstance(self.engine, CachingEngine) else self.engine
+        report = {"name": engine.name}
+        for attribute, key in (("source", "source"), ("fallback_reason", "fallback")):
+            if getattr(engine, attribute, None):
+                report[key] = getattr(engine, attribute)
+        return report
+
+    @property
     def authorization_servers(self) -> tuple[str, ...]:
         """What the protected-resource metadata names: the gateway itself in proxy mode."""
         return (self.settings.config.public_url,) if self.oauth is not None else (self.profile.issuer,)

@@ -17,6 +17,7 @@ from litestar.response import Stream
 
 from gateway.assembly import Gateway
 from gateway.auth.exchange import ExchangeError
+from gateway.auth.audience import audience_problem
 from gateway.auth.metadata import challenge
 from gateway.auth.tokens import TokenError, bearer_token
 from gateway.mcp import jsonrpc
@@ -32,7 +33,7 @@ from gateway.mcp.sessions import Owner, SessionNotFound
 from gateway.mcp.upstream import UpstreamAnswer, UpstreamError, forwarded_headers
 from gateway.ops.audit import AUDIT_LOGGER, DecisionRecord
 from gateway.policy.decision import Action, Decision, PolicyError
-from gateway.policy.input import build_input
+from gateway.policy.input import build_input, over_budget
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger(AUDIT_LOGGER)
@@ -117,6 +118,11 @@ async def request_path(gw: Gateway, request: Request[Any, Any, Any], record: Dec
     except TokenError as exc:
         return _token_refusal(gw, record, exc)
 
+    # 1b. The profile's audience rules, before any costly step (the policy applies them too).
+    if (problem := audience_problem(gw.profile.audience, token)) is not None:
+        record.stage = "audience"
+        return _token_refusal(gw, record, TokenError(problem, "the token is not accepted for this resource"))
+
     # 2. Parse the MCP message (once; the raw body is what gets forwarded).
     record.stage = "parse"
     try:
@@ -152,6 +158,8 @@ async def request_path(gw: Gateway, request: Request[Any, Any, Any], record: Dec
         remote_addr=record.requested_by,
         resource=cfg.resource,
     )
+    if (over := over_budget(policy_input, cfg.limits.max_policy_input_bytes, cfg.limits.max_policy_input_elements)) is not None:
+        return refuse(record, 413, "policy_input_too_large", f"the request is too large to judge ({over})", request_id=mcp.id)
     record.engine = gw.engine.name
     started = time.perf_counter_ns()
     try:

@@ -58,7 +58,9 @@ usable(catalogue, name) if {
 # call is not remembered, and matching every pattern is the policy's main cost).
 target_requirements := requirements(target.catalogue, target.name)
 
-catalogue_problem := sprintf("%s_not_listed", [trim_suffix(target.catalogue, "s")]) if {
+# (concat, not sprintf: sprintf is provided by the host in OPA's WebAssembly, and a
+# decision must not depend on a host's number formatting.)
+catalogue_problem := concat("", [trim_suffix(target.catalogue, "s"), "_not_listed"]) if {
 	is_object(authz[target.catalogue])
 	count(target_requirements) == 0
 	object.get(authz, "unlisted", "deny") != "allow"
@@ -75,11 +77,15 @@ arguments := input.mcp.arguments if is_object(input.mcp.arguments)
 default arguments := {}
 
 # Each argument rule is an object of checks; all must hold. An unknown check refuses.
-argument_problem := sprintf("argument_not_allowed: %s", [name]) if {
+# Every failing argument is collected; the decision names the first (by name), so two
+# failing arguments never make two conflicting values of one rule.
+failing_arguments contains name if {
 	some req in target_requirements
 	checks := object.get(req, "arguments", {})[name]
 	not argument_ok(checks, object.get(arguments, name, null))
 }
+
+argument_problem := concat("", ["argument_not_allowed: ", min(failing_arguments)]) if count(failing_arguments) > 0
 
 known_checks := {"optional", "prefix", "one_of", "owned_by", "max_length"}
 
@@ -108,10 +114,10 @@ check_ok("one_of", want, value) if {
 	allowed == value
 }
 
-# The value is a key of data.authz.owners[<collection>] whose owner is the caller.
+# The value is a key of data.authz.owners[<collection>] whose owner is the caller: a
+# string as it is, an integer in decimal (1 and "1" name the same note; 1.5 names none).
 check_ok("owned_by", collection, value) if {
-	is_scalar_key(value)
-	authz.owners[collection][sprintf("%v", [value])] == input.token.subject
+	authz.owners[collection][owner_key(value)] == input.token.subject
 }
 
 check_ok("max_length", limit, value) if {
@@ -119,9 +125,13 @@ check_ok("max_length", limit, value) if {
 	count(value) <= limit
 }
 
-is_scalar_key(value) if is_string(value)
+owner_key(value) := value if is_string(value)
 
-is_scalar_key(value) if is_number(value)
+owner_key(value) := format_int(value, 10) if {
+	is_number(value)
+	value == floor(value)
+	abs(value) < 1000000000000000
+}
 
 # --- Listings: one evaluation for every item of a page ----------------------
 

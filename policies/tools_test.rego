@@ -13,6 +13,7 @@ notes_authz(_) := {
 		"create_note": {"scopes": ["notes.write"], "arguments": {"path": {"prefix": "/users/{sub}/"}}},
 		"delete_note": {"scopes": ["notes.write"], "arguments": {"id": {"owned_by": "notes"}}},
 		"tag_note": {"scopes": ["notes.write"], "arguments": {"tag": {"one_of": ["red", "blue"], "optional": true}}},
+		"move_note": {"scopes": ["notes.write"], "arguments": {"id": {"owned_by": "notes"}, "to": {"prefix": "/users/{sub}/"}}},
 		"purge_*": {"scopes": ["notes.admin"]},
 	},
 	"resources": {"notes://*": {"scopes": ["notes.read"]}},
@@ -116,4 +117,22 @@ test_no_data_changes_nothing if {
 		with input.mcp as {"kind": "request", "method": "tools/call", "tool": "anything"}
 		with input.request as {"method": "POST"}
 	d.action == "accept"
+}
+
+# Two failing arguments: one decision naming the first by name, never a rule conflict.
+test_two_failing_arguments_do_not_conflict if {
+	d := call("move_note", {"id": 2, "to": "/users/bob/x"}, ["notes.write"])
+	d.reason == "argument_not_allowed: id"
+	d.status == 403
+}
+
+test_owned_by_accepts_an_integer_or_its_string if {
+	call("delete_note", {"id": 1}, ["notes.write"]).action == "accept"
+	call("delete_note", {"id": "1"}, ["notes.write"]).action == "accept"
+}
+
+test_owned_by_refuses_fractions_and_huge_numbers if {
+	call("delete_note", {"id": 1.5}, ["notes.write"]).reason == "argument_not_allowed: id"
+	call("delete_note", {"id": 1e20}, ["notes.write"]).reason == "argument_not_allowed: id"
+	call("delete_note", {"id": true}, ["notes.write"]).reason == "argument_not_allowed: id"
 }

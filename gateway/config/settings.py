@@ -58,14 +58,21 @@ class DecisionCacheConfig(Strict):
 
 
 class PolicyConfig(Strict):
-    engine: Literal["embedded", "opa"] = "embedded"
+    #: embedded: WebAssembly in-process when a module can be had, else regopy (said at start-up);
+    #: wasm / regopy: that one or nothing; opa: a running OPA server (opa_url)
+    engine: Literal["embedded", "wasm", "regopy", "opa"] = "embedded"
     #: directory of .rego files plus data files; empty means the shipped policies/
     bundle: str = ""
     entrypoint: str = "mcp/gateway/decision"
     #: the OPA server (engine: opa), e.g. http://127.0.0.1:8181
     opa_url: str | None = None
-    #: seconds a remote decision may take before the request is refused (503)
+    #: seconds a decision may take before the request is refused (503), any engine
     timeout: float = pydantic.Field(1.0, gt=0)
+    #: WebAssembly: threads evaluating inputs too large to evaluate on the event loop
+    workers: int = pydantic.Field(2, ge=1, le=64)
+    #: WebAssembly: inputs up to this many bytes of JSON are evaluated inline (cheaper than
+    #: a thread hop), under a one-tick deadline after which they move to the pool
+    inline_max_bytes: int = pydantic.Field(4_096, ge=0)
     #: a second bundle evaluated beside the live one (embedded engine); disagreements are
     #: logged and counted, never acted on
     shadow: str | None = None
@@ -76,8 +83,12 @@ class PolicyConfig(Strict):
 
 
 class Limits(Strict):
-    max_body_bytes: int = pydantic.Field(1_048_576, ge=1)
+    max_body_bytes: int = pydantic.Field(262_144, ge=1)
     max_json_depth: int = pydantic.Field(64, ge=2)
+    #: the policy input's budget (JSON bytes, values): a larger request is refused (413)
+    #: before any engine sees it, so no request can make a decision expensive
+    max_policy_input_bytes: int = pydantic.Field(65_536, ge=1_024)
+    max_policy_input_elements: int = pydantic.Field(2_000, ge=50)
 
 
 class Caches(Strict):

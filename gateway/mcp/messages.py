@@ -73,7 +73,8 @@ class McpRequest:
             "arguments": self.arguments,
             "resource_uri": self.name if self.method == "resources/read" else None,
             "prompt": self.name if self.method == "prompts/get" else None,
-            "params": {k: v for k, v in self.params.items() if k != "_meta"},
+            # each thing once: the arguments are `arguments` above, request metadata is not policy
+            "params": {k: v for k, v in self.params.items() if k not in ("_meta", "arguments")},
             "session_id": self.session_id,
             "protocol_version": self.protocol_version,
         }

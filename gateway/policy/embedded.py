@@ -41,7 +41,9 @@ def first_value(output: Any) -> Any:
 
 
 class EmbeddedEngine:
-    name = "embedded"
+    name = "regopy"
+    #: why the WebAssembly engine was not used, when this one stands in for it
+    fallback_reason: str | None = None
 
     def __init__(self, bundle: Bundle, entrypoint: str) -> None:
         self.entrypoint = entrypoint

@@ -1,6 +1,13 @@
-"""Picks the policy engine named in the config (one factory, like toolhive's authorizer registry)."""
+"""Picks the policy engine named in the config (one factory, like toolhive's authorizer registry).
+
+`embedded` (the default) is OPA's WebAssembly in this process when a module can be had
+(shipped, cached, or built with `opa`), else regopy, said loudly at start-up and in
+`/readyz`; `wasm` and `regopy` insist on one; `opa` asks a running OPA server.
+"""
 
 from __future__ import annotations
+
+import logging
 
 from gateway.config.settings import Settings
 from gateway.policy.bundle import Bundle, load_bundle
@@ -8,17 +15,40 @@ from gateway.policy.cache import CacheDeclaration, CachingEngine
 from gateway.policy.decision import PolicyEngine, PolicyError
 from gateway.policy.embedded import EmbeddedEngine
 from gateway.policy.opa import OpaEngine
+from gateway.policy.wasm import WasmEngine, WasmPolicy
+from gateway.policy.wasmbuild import WasmUnavailable, wasm_for
+
+log = logging.getLogger(__name__)
 
 
 def build_engine(settings: Settings, bundle: Bundle | None = None) -> PolicyEngine:
-    """The configured engine; the embedded one compiles `bundle` (read from disk if not given)."""
+    """The configured engine; an in-process one compiles `bundle` (read from disk if not given)."""
     policy = settings.config.policy
-    if policy.engine == "embedded":
-        return EmbeddedEngine(bundle or load_live_bundle(settings), policy.entrypoint)
+    if policy.engine in ("embedded", "wasm", "regopy"):
+        return build_local_engine(settings, bundle or load_live_bundle(settings))
     if policy.engine == "opa":
         assert policy.opa_url is not None  # the config model requires it
         return OpaEngine(policy.opa_url, policy.entrypoint, timeout=policy.timeout)
     raise PolicyError(f"policy.engine {policy.engine!r} is not known")
+
+
+def build_local_engine(settings: Settings, bundle: Bundle) -> PolicyEngine:
+    policy = settings.config.policy
+    if policy.engine != "regopy":
+        try:
+            wasm, source = wasm_for(bundle, policy.entrypoint)
+            engine = WasmEngine(WasmPolicy(wasm, bundle.data, policy.entrypoint), policy.entrypoint, timeout=policy.timeout,
+                                workers=policy.workers, inline_max_bytes=policy.inline_max_bytes)
+            engine.source = source
+            return engine
+        except (WasmUnavailable, PolicyError) as exc:
+            if policy.engine == "wasm":
+                raise PolicyError(f"policy.engine: wasm: {exc}") from None
+            fallback = EmbeddedEngine(bundle, policy.entrypoint)
+            fallback.fallback_reason = str(exc)
+            log.warning("policy engine: regopy, not WebAssembly (slower, on the event loop): %s", exc)
+            return fallback
+    return EmbeddedEngine(bundle, policy.entrypoint)
 
 
 def with_decision_cache(engine: PolicyEngine, settings: Settings, bundle: Bundle) -> PolicyEngine:
@@ -32,7 +62,7 @@ def with_decision_cache(engine: PolicyEngine, settings: Settings, bundle: Bundle
     policy = settings.config.policy
     if policy.decision_cache.enabled is False:
         return engine
-    if policy.decision_cache.enabled == "auto" and not isinstance(engine, EmbeddedEngine):
+    if policy.decision_cache.enabled == "auto" and not isinstance(engine, (EmbeddedEngine, WasmEngine)):
         # a remote OPA's policy can change under us without a reload: cached decisions could go stale
         return engine
     package = policy.entrypoint.rsplit("/", 1)[0].replace("/", ".")

@@ -49,3 +49,33 @@ def build_input(
         },
         "gateway": {"resource": resource},
     }
+
+
+def over_budget(policy_input: Any, max_bytes: int, max_elements: int) -> str | None:
+    """What exceeds the policy input's budget (bytes of JSON, roughly; values), or None.
+
+    Walks the input once and stops as soon as a limit is passed, so its own cost is bounded
+    by the budget, and so is the engine's: no request reaches the policy with more.
+    """
+    size = elements = 0
+    stack = [policy_input]
+    while stack:
+        value = stack.pop()
+        elements += 1
+        if isinstance(value, dict):
+            size += 2
+            for key, item in value.items():
+                size += len(key) + 4
+                stack.append(item)
+        elif isinstance(value, list):
+            size += 2
+            stack.extend(value)
+        elif isinstance(value, str):
+            size += len(value) + 2
+        else:
+            size += 8
+        if elements > max_elements:
+            return f"more than {max_elements} values"
+        if size > max_bytes:
+            return f"more than {max_bytes} bytes"
+    return None

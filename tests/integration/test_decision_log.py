@@ -24,7 +24,7 @@ def test_decision_log_lines_match_responses(gateways, issuer, json_upstream, tmp
     first, second, third = (lines[i] for i in ids)
 
     assert first["result"] == {"action": "accept", "reason": "allowed"}
-    assert (first["status"], first["upstream_status"], first["engine"], first["stage"]) == (200, 200, "embedded", "done")
+    assert (first["status"], first["upstream_status"], first["engine"], first["stage"]) == (200, 200, "wasm", "done")
     assert first["input"]["token"]["subject"] == "logged" and first["input"]["mcp"]["method"] == "tools/list"
     assert first["metrics"]["timer_rego_query_eval_ns"] > 0
     assert first["path"] == "mcp/gateway/decision" and first["timestamp"].endswith("Z")
@@ -52,7 +52,8 @@ def test_metrics_count_decisions_steps_and_cache(gateways, issuer, json_upstream
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(resp.text) for s in f.samples}
     assert samples[("mcp_gateway_requests_total", (("action", "accept"), ("reason", "allowed")))] == 3
     assert samples[("mcp_gateway_requests_total", (("action", "reject"), ("reason", "audience_not_accepted")))] == 1
-    for step, count in (("verify", 4), ("policy", 4), ("upstream", 3)):
+    # the token for another audience is refused before the policy runs (the profile's rules, checked first)
+    for step, count in (("verify", 4), ("policy", 3), ("upstream", 3)):
         assert samples[("mcp_gateway_step_seconds_count", (("step", step),))] == count
     assert samples[("mcp_gateway_cache_lookups_total", (("cache", "verified_tokens"), ("result", "hit")))] == 2
     assert samples[("mcp_gateway_cache_lookups_total", (("cache", "verified_tokens"), ("result", "miss")))] == 2

@@ -58,7 +58,7 @@ def test_minimal_config_defaults(tmp_path) -> None:
         (MINIMAL + "listen: {port: eighty}\n", r"g.yaml: listen.port: "),
         ("public_url: http://127.0.0.1:8080\nprofile: dev\n", r"g.yaml: upstream: required key is missing"),
         (MINIMAL + "upstream: {url: ftp://x}\n", r"g.yaml: upstream.url: .*http"),
-        (MINIMAL + "policy: {engine: wasm}\n", r"g.yaml: policy.engine"),
+        (MINIMAL + "policy: {engine: wasmer}\n", r"g.yaml: policy.engine"),
         (MINIMAL + "policy: {engine: opa}\n", r"g.yaml: .*opa_url is required"),
         (MINIMAL + "mcp_path: mcp/\n", r"g.yaml: mcp_path"),
         (MINIMAL + "policy: {bundle: ./nowhere}\n", r"g.yaml: policy.bundle: directory .* does not exist"),

@@ -26,7 +26,8 @@ def test_tools_call_parsed() -> None:
     m = parse(call("read_note", {"id": 1}))
     assert (m.kind, m.method, m.tool, m.arguments, m.id) == ("request", "tools/call", "read_note", {"id": 1}, 3)
     view = m.policy_view()
-    assert view["tool"] == "read_note" and view["params"]["arguments"] == {"id": 1}
+    assert view["tool"] == "read_note" and view["arguments"] == {"id": 1}
+    assert "arguments" not in view["params"]  # each thing once in the policy input
 
 
 def test_modern_headers_matching_the_body_accepted() -> None:

@@ -1,0 +1,227 @@
+"""The WebAssembly engine: the bundle's Rego compiled by `opa build -t wasm`, evaluated in this
+process by wasmtime, off the event loop when an input is large, always under a deadline.
+
+- One compiled module per bundle; one instance per thread (an instance is not shared), each
+  holding the bundle's data parsed once. An evaluation resets the instance's heap to just
+  after the data, writes the input JSON there and calls OPA's `opa_eval` fast path (ABI 1.2+):
+  no per-request allocation survives it.
+- Small inputs are evaluated on the calling (event-loop) thread, which costs less than a thread
+  hop; larger ones in a small pool of threads (wasmtime releases the GIL, so two cores are two
+  evaluations). Inline evaluation gets a deadline of one tick (`TICK` seconds); if it runs out
+  the input is evaluated again in the pool under the full deadline. A pool evaluation past the
+  deadline is interrupted by wasmtime (epoch interruption) and fails closed (PolicyError).
+- Host builtins are not provided: a module that needs one (e.g. `sprintf`) is refused at load
+  time, so a decision never depends on a host's formatting. The shipped policies need none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import orjson
+import wasmtime
+
+from gateway.policy.decision import Decision, PolicyError
+
+log = logging.getLogger(__name__)
+
+#: seconds per epoch tick; the inline deadline is one tick
+TICK = 0.002
+_PAGE = 65_536
+
+
+class WasmPolicy:
+    """A compiled module and the data it decides with; makes instances."""
+
+    def __init__(self, wasm: bytes, data: Any, entrypoint: str) -> None:
+        config = wasmtime.Config()
+        config.epoch_interruption = True
+        self.engine = wasmtime.Engine(config)
+        try:
+            self.module = wasmtime.Module(self.engine, wasm)
+        except Exception as exc:  # wasmtime raises its own error types
+            raise PolicyError(f"the compiled policy is not a valid WebAssembly module: {exc}") from None
+        self.data_json = orjson.dumps(data)
+        probe = WasmInstance(self)
+        builtins = orjson.loads(probe.dump(probe.call("builtins")))
+        if builtins:
+            raise PolicyError(
+                "the policy uses builtins OPA's WebAssembly leaves to the host "
+                f"({', '.join(sorted(builtins))}): rewrite them (e.g. concat, format_int) or use policy.engine: regopy"
+            )
+        entrypoints = orjson.loads(probe.dump(probe.call("entrypoints")))
+        if entrypoint not in entrypoints:
+            raise PolicyError(f"the compiled policy has no entrypoint {entrypoint} (it has: {', '.join(entrypoints)})")
+        self.entrypoint_id = entrypoints[entrypoint]
+        self.probe = probe
+
+
+class WasmInstance:
+    """One instance: its own store and memory, the data parsed once, used by one thread at a time."""
+
+    def __init__(self, policy: WasmPolicy) -> None:
+        self.policy = policy
+        self.store = wasmtime.Store(policy.engine)
+        self.store.set_epoch_deadline(1 << 40)
+        memory_import = next(i for i in policy.module.imports if i.name == "memory")
+        self.memory = wasmtime.Memory(self.store, memory_import.type)
+        linker = wasmtime.Linker(policy.engine)
+        linker.define(self.store, "env", "memory", self.memory)
+        i32 = wasmtime.ValType.i32()
+        linker.define_func("env", "opa_abort", wasmtime.FuncType([i32], []), self._abort)
+        linker.define_func("env", "opa_println", wasmtime.FuncType([i32], []), lambda _addr: None)
+        for arity in range(5):
+            linker.define_func("env", f"opa_builtin{arity}", wasmtime.FuncType([i32] * (arity + 2), [i32]), self._no_builtin)
+        self.exports = linker.instantiate(self.store, policy.module).exports(self.store)
+        self._eval = self.exports["opa_eval"]
+        self._heap_set = self.exports["opa_heap_ptr_set"]
+        data = policy.data_json
+        address = self.call("opa_malloc", len(data))
+        self.memory.write(self.store, data, address)
+        self.data_address = self.call("opa_json_parse", address, len(data))
+        if not self.data_address:
+            raise PolicyError("the policy data could not be loaded into the WebAssembly instance")
+        self.heap_base = self.call("opa_heap_ptr_get")
+
+    def call(self, name: str, *args: int) -> Any:
+        return self.exports[name](self.store, *args)
+
+    def _abort(self, address: int) -> None:
+        raise PolicyError(f"the policy aborted: {self.read_string(address)[:300].decode(errors='replace')}")
+
+    def _no_builtin(self, *_args: int) -> int:
+        raise PolicyError("the policy called a host builtin, which this engine does not provide")
+
+    def read_string(self, address: int) -> bytes:
+        """The NUL-terminated string at `address`."""
+        end, size, chunk = address, self.memory.data_len(self.store), 512
+        out = bytearray()
+        while end < size:
+            part = self.memory.read(self.store, end, min(end + chunk, size))
+            zero = part.find(0)
+            if zero >= 0:
+                return bytes(out + part[:zero])
+            out += part
+            end += len(part)
+            chunk *= 2
+        raise PolicyError("the policy's result is not terminated")
+
+    def dump(self, value_address: int) -> bytes:
+        return self.read_string(self.call("opa_json_dump", value_address))
+
+    def evaluate(self, input_json: bytes, ticks: int) -> Any:
+        """The entrypoint's value for `input_json`; PolicyError on any failure or when undefined."""
+        base = self.heap_base
+        self._heap_set(self.store, base)
+        need = base + len(input_json) + _PAGE * 16  # the input, then room for evaluation
+        size = self.memory.data_len(self.store)
+        if need > size:
+            self.memory.grow(self.store, (need - size + _PAGE - 1) // _PAGE)
+        self.memory.write(self.store, input_json, base)
+        self.store.set_epoch_deadline(ticks)
+        try:
+            result = self._eval(self.store, 0, self.policy.entrypoint_id, self.data_address, base, len(input_json),
+                                base + len(input_json), 0)
+        except wasmtime.Trap as trap:
+            if trap.trap_code == wasmtime.TrapCode.INTERRUPT:
+                raise DeadlineExceeded() from None
+            raise PolicyError(f"policy evaluation failed: {trap.message[:300]}") from None
+        except wasmtime.WasmtimeError as exc:
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, PolicyError):
+                raise cause from None
+            raise PolicyError(f"policy evaluation failed: {str(exc)[:300]}") from None
+        finally:
+            self.store.set_epoch_deadline(1 << 40)
+        results = orjson.loads(self.read_string(result))
+        if not results or "result" not in results[0]:
+            raise PolicyError("the policy decision is undefined")
+        return results[0]["result"]
+
+
+class DeadlineExceeded(PolicyError):
+    def __init__(self) -> None:
+        super().__init__("the policy did not decide within its deadline", reason="policy_timeout")
+
+
+class WasmEngine:
+    """Decides with a WasmPolicy: inline for small inputs, a thread pool for the rest."""
+
+    name = "wasm"
+    #: where the module came from: shipped | cache | opa
+    source: str | None = None
+
+    def __init__(self, policy: WasmPolicy, entrypoint: str, *, timeout: float = 1.0, workers: int = 2,
+                 inline_max_bytes: int = 4_096) -> None:
+        self.policy = policy
+        self.entrypoint = entrypoint
+        self._ticks = max(1, round(timeout / TICK))
+        self._inline_max = inline_max_bytes
+        self._inline = policy.probe  # used by the event-loop thread only
+        self._local = threading.local()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="opa-wasm")
+        self._stop = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, name="opa-wasm-epoch", daemon=True)
+        self._ticker.start()
+        self.evaluations = self.offloaded = 0
+
+    def _tick(self) -> None:
+        while not self._stop.wait(TICK):
+            self.policy.engine.increment_epoch()
+
+    def _in_thread(self, input_json: bytes) -> Any:
+        instance = getattr(self._local, "instance", None)
+        if instance is None:
+            instance = self._local.instance = WasmInstance(self.policy)
+        return instance.evaluate(input_json, self._ticks)
+
+    async def evaluate_json(self, input_json: bytes) -> Any:
+        self.evaluations += 1
+        if len(input_json) <= self._inline_max:
+            try:
+                return self._inline.evaluate(input_json, 1)
+            except DeadlineExceeded:
+                pass  # slower than a tick: not on the event loop; again, in the pool
+        self.offloaded += 1
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._in_thread, input_json)
+
+    def evaluate(self, policy_input: dict[str, Any]) -> Any:
+        """Raw decision value, synchronously in this thread (explain, tests, value_of)."""
+        return WasmInstance(self.policy).evaluate(encode_input(policy_input), self._ticks)
+
+    async def decide(self, policy_input: dict[str, Any]) -> Decision:
+        return Decision.from_output(await self.evaluate_json(encode_input(policy_input)))
+
+    async def start(self) -> None:
+        """Nothing to open: compiled and instantiated in the constructor."""
+
+    async def ready(self) -> bool:
+        return True
+
+    async def aclose(self) -> None:
+        self._stop.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def encode_input(policy_input: dict[str, Any]) -> bytes:
+    """The input as JSON; values JSON cannot carry (NaN, lone surrogates) fail closed."""
+    try:
+        return orjson.dumps(policy_input)
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise PolicyError(f"the policy input cannot be encoded as JSON: {exc}", reason="policy_input_invalid") from None
+
+
+def timed_evaluations(engine: WasmEngine, policy_input: dict[str, Any], n: int) -> list[float]:
+    """Seconds per inline evaluation of `policy_input`, n times (benchmarks)."""
+    raw = encode_input(policy_input)
+    out = []
+    for _ in range(n):
+        started = time.perf_counter()
+        engine._inline.evaluate(raw, engine._ticks)
+        out.append(time.perf_counter() - started)
+    return out
