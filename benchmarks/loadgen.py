@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -22,6 +23,8 @@ class Run:
     errors: int = 0
     statuses: dict[int, int] = field(default_factory=dict)
     elapsed: float = 0.0
+    #: every answered request, warm-up included (for CPU per request)
+    completed: int = 0
 
     def percentile(self, p: float) -> float:
         if not self.latencies:
@@ -61,7 +64,7 @@ async def _read_response(reader: asyncio.StreamReader) -> int:
     return status
 
 
-async def _connection(url: str, request: bytes, stop_at: float, measure_from: float, run: Run) -> None:
+async def _connection(url: str, request: bytes | Callable[[], bytes], stop_at: float, measure_from: float, run: Run) -> None:
     parts = urlsplit(url)
     reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
     writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -70,7 +73,7 @@ async def _connection(url: str, request: bytes, stop_at: float, measure_from: fl
             started = time.perf_counter()
             if started >= stop_at:
                 return
-            writer.write(request)
+            writer.write(request() if callable(request) else request)
             try:
                 status = await _read_response(reader)
             except (asyncio.IncompleteReadError, ConnectionError):
@@ -80,6 +83,7 @@ async def _connection(url: str, request: bytes, stop_at: float, measure_from: fl
                 writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 continue
             done = time.perf_counter()
+            run.completed += 1
             if started >= measure_from:
                 run.latencies.append(done - started)
                 run.statuses[status] = run.statuses.get(status, 0) + 1
@@ -89,10 +93,12 @@ async def _connection(url: str, request: bytes, stop_at: float, measure_from: fl
         writer.close()
 
 
-async def load(url: str, body: bytes, headers: dict[str, str], *, concurrency: int, seconds: float, warmup: float = 1.0) -> Run:
-    """Closed-loop load for `warmup + seconds`; only the last `seconds` are measured."""
+async def load(url: str, body: bytes | Callable[[], bytes], headers: dict[str, str], *, concurrency: int, seconds: float,
+               warmup: float = 1.0) -> Run:
+    """Closed-loop load for `warmup + seconds`; only the last `seconds` are measured. `body`
+    may be a function giving each request its own body (a workload no cache can serve)."""
     run = Run()
-    request = build_request(url, body, headers)
+    request: bytes | Callable[[], bytes] = (lambda: build_request(url, body(), headers)) if callable(body) else build_request(url, body, headers)
     now = time.perf_counter()
     measure_from, stop_at = now + warmup, now + warmup + seconds
     await asyncio.gather(*(_connection(url, request, stop_at, measure_from, run) for _ in range(concurrency)))

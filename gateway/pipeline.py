@@ -158,7 +158,8 @@ async def request_path(gw: Gateway, request: Request[Any, Any, Any], record: Dec
         remote_addr=record.requested_by,
         resource=cfg.resource,
     )
-    if (over := over_budget(policy_input, cfg.limits.max_policy_input_bytes, cfg.limits.max_policy_input_elements)) is not None:
+    if (over := over_budget(policy_input["mcp"], cfg.limits.max_policy_input_bytes, cfg.limits.max_policy_input_elements,
+                            source_bytes=len(mcp.body or b""))) is not None:
         return refuse(record, 413, "policy_input_too_large", f"the request is too large to judge ({over})", request_id=mcp.id)
     record.engine = gw.engine.name
     started = time.perf_counter_ns()

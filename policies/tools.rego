@@ -102,11 +102,17 @@ argument_ok(checks, value) if {
 check_ok("optional", _, _)
 
 # A path under a prefix ({sub} is the caller): plain ASCII, no "." or ".." segment.
+# (trim and split, not regex: linear, and nothing to compile on every evaluation.)
+path_characters := "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._~/ -"
+
 check_ok("prefix", want, value) if {
 	is_string(value)
 	startswith(value, replace(want, "{sub}", input.token.subject))
-	regex.match(`^[A-Za-z0-9._~/ -]*$`, value)
-	not regex.match(`(^|/)\.\.?(/|$)`, value)
+	trim(value, path_characters) == ""
+	every segment in split(value, "/") {
+		segment != "."
+		segment != ".."
+	}
 }
 
 check_ok("one_of", want, value) if {

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+import orjson
+
 #: the human-readable audit line per decision (a public logger name: operators route it)
 AUDIT_LOGGER = "gateway.audit"
 
@@ -40,6 +42,15 @@ class DecisionRecord:
     requested_by: str | None = None
     #: the shadow policy's decision, when it differs from `result`
     shadow_result: dict[str, Any] | None = None
+
+
+def _line(entry: dict[str, Any]) -> str:
+    """One JSON line (orjson: a tenth of json.dumps's cost); text orjson refuses (a lone
+    surrogate) is written escaped by the standard library rather than lost."""
+    try:
+        return orjson.dumps(entry, default=str).decode() + "\n"
+    except (TypeError, orjson.JSONEncodeError):
+        return json.dumps(entry, ensure_ascii=True, default=str) + "\n"
 
 
 def _redacted(policy_input: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -84,7 +95,7 @@ class DecisionLog:
         if record.shadow_result is not None:
             entry["shadow_result"] = record.shadow_result
         try:
-            self._stream.write(json.dumps(entry, ensure_ascii=False, default=str) + "\n")
+            self._stream.write(_line(entry))
         except (OSError, ValueError) as exc:  # a full disk must not take requests down
             logging.getLogger(__name__).error("decision log write failed: %s", exc)
 

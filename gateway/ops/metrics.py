@@ -78,17 +78,28 @@ class Metrics:
             _loop_tasks
         )
 
+        #: label children, bound once (`labels()` costs more than the observation itself)
+        self._steps: dict[str, Any] = {}
+        self._outcomes: dict[tuple[str, str], Any] = {}
+
     @contextmanager
     def timed(self, step: str) -> Iterator[None]:
         started = time.perf_counter()
         try:
             yield
         finally:
-            self.step_seconds.labels(step).observe(time.perf_counter() - started)
+            child = self._steps.get(step)
+            if child is None:
+                child = self._steps[step] = self.step_seconds.labels(step)
+            child.observe(time.perf_counter() - started)
 
     def count(self, result: dict[str, Any] | None) -> None:
         result = result or {"action": "reject", "reason": "unknown"}
-        self.requests.labels(result.get("action", "reject"), result.get("reason", "unknown")).inc()
+        key = (result.get("action", "reject"), result.get("reason", "unknown"))
+        child = self._outcomes.get(key)
+        if child is None:
+            child = self._outcomes[key] = self.requests.labels(*key)
+        child.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

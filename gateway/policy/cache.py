@@ -21,6 +21,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from gateway.policy.decision import Decision, PolicyEngine
 
 
@@ -56,8 +58,11 @@ def canonical_key(policy_input: dict[str, Any], ignore: tuple[tuple[str, ...], .
     pruned = policy_input
     for path in ignore:
         pruned = _without(pruned, path)
-    text = json.dumps(pruned, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+    try:
+        text = orjson.dumps(pruned, option=orjson.OPT_SORT_KEYS)
+    except (TypeError, orjson.JSONEncodeError):  # a lone surrogate: the slower, total encoder
+        text = json.dumps(pruned, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    return hashlib.sha256(text).digest()
 
 
 class CachingEngine:

@@ -7,9 +7,11 @@ process by wasmtime, off the event loop when an input is large, always under a d
   no per-request allocation survives it.
 - Small inputs are evaluated on the calling (event-loop) thread, which costs less than a thread
   hop; larger ones in a small pool of threads (wasmtime releases the GIL, so two cores are two
-  evaluations). Inline evaluation gets a deadline of one tick (`TICK` seconds); if it runs out
-  the input is evaluated again in the pool under the full deadline. A pool evaluation past the
+  evaluations). Inline evaluation gets a deadline of two ticks (at least one `TICK`); if it runs
+  out the input is evaluated again in the pool under the full deadline. A pool evaluation past the
   deadline is interrupted by wasmtime (epoch interruption) and fails closed (PolicyError).
+- An interrupted or failed evaluation may leave the instance's C++ state half-built (static
+  initialisers, caches), so the instance is thrown away and a new one made.
 - Host builtins are not provided: a module that needs one (e.g. `sprintf`) is refused at load
   time, so a decision never depends on a host's formatting. The shipped policies need none.
 """
@@ -30,8 +32,49 @@ from gateway.policy.decision import Decision, PolicyError
 
 log = logging.getLogger(__name__)
 
-#: seconds per epoch tick; the inline deadline is one tick
+def _fast_i32_call(func: wasmtime.Func, store: wasmtime.Store) -> Any:
+    """`func` (all-i32 parameters, one i32 result) as a plain Python callable.
+
+    wasmtime-py's `Func.__call__` asks for the function's type and converts every argument on
+    every call: half the cost of a decision. The type is checked once here, then calls go
+    through `wasmtime_func_call_unchecked` with a reused argument array. It uses wasmtime-py's
+    internal FFI module; if that ever changes, the public (slower) call is used instead.
+    """
+    try:
+        from ctypes import POINTER, byref
+
+        from wasmtime import _ffi as ffi
+        from wasmtime._func import maybe_raise_last_exn
+
+        ty = func.type(store)
+        i32 = wasmtime.ValType.i32()
+        if any(p != i32 for p in ty.params) or [str(r) for r in ty.results] != [str(i32)]:
+            return lambda *args: func(store, *args)
+        args = (ffi.wasmtime_val_raw_t * max(1, len(ty.params)))()
+        call, func_ref, context = ffi.wasmtime_func_call_unchecked, byref(func._func), store._context()
+    except (ImportError, AttributeError):  # pragma: no cover - another wasmtime-py layout
+        return lambda *args: func(store, *args)
+
+    def fast(*values: int) -> int:
+        for index, value in enumerate(values):
+            args[index].i32 = value
+        trap = POINTER(ffi.wasm_trap_t)()
+        error = call(context, func_ref, args, len(args), byref(trap))
+        if error:
+            maybe_raise_last_exn()
+            raise wasmtime.WasmtimeError._from_ptr(error)
+        if trap:
+            trap_obj = wasmtime.Trap._from_ptr(trap)
+            maybe_raise_last_exn()
+            raise trap_obj
+        return args[0].i32
+
+    return fast
+
+
+#: seconds per epoch tick; an inline evaluation may last two ticks (at least one whole tick)
 TICK = 0.002
+_INLINE_TICKS = 2
 _PAGE = 65_536
 
 
@@ -78,8 +121,7 @@ class WasmInstance:
         for arity in range(5):
             linker.define_func("env", f"opa_builtin{arity}", wasmtime.FuncType([i32] * (arity + 2), [i32]), self._no_builtin)
         self.exports = linker.instantiate(self.store, policy.module).exports(self.store)
-        self._eval = self.exports["opa_eval"]
-        self._heap_set = self.exports["opa_heap_ptr_set"]
+        self._eval = _fast_i32_call(self.exports["opa_eval"], self.store)
         data = policy.data_json
         address = self.call("opa_malloc", len(data))
         self.memory.write(self.store, data, address)
@@ -116,8 +158,7 @@ class WasmInstance:
 
     def evaluate(self, input_json: bytes, ticks: int) -> Any:
         """The entrypoint's value for `input_json`; PolicyError on any failure or when undefined."""
-        base = self.heap_base
-        self._heap_set(self.store, base)
+        base = self.heap_base  # opa_eval resets the heap to `heap` (and clears builtin caches) itself
         need = base + len(input_json) + _PAGE * 16  # the input, then room for evaluation
         size = self.memory.data_len(self.store)
         if need > size:
@@ -125,12 +166,11 @@ class WasmInstance:
         self.memory.write(self.store, input_json, base)
         self.store.set_epoch_deadline(ticks)
         try:
-            result = self._eval(self.store, 0, self.policy.entrypoint_id, self.data_address, base, len(input_json),
-                                base + len(input_json), 0)
+            result = self._eval(0, self.policy.entrypoint_id, self.data_address, base, len(input_json), base + len(input_json), 0)
         except wasmtime.Trap as trap:
             if trap.trap_code == wasmtime.TrapCode.INTERRUPT:
                 raise DeadlineExceeded() from None
-            raise PolicyError(f"policy evaluation failed: {trap.message[:300]}") from None
+            raise PolicyError(f"policy evaluation failed ({trap.trap_code}): {trap.message[-300:]}") from None
         except wasmtime.WasmtimeError as exc:
             cause = exc.__cause__ or exc.__context__
             if isinstance(cause, PolicyError):
@@ -162,7 +202,7 @@ class WasmEngine:
         self.entrypoint = entrypoint
         self._ticks = max(1, round(timeout / TICK))
         self._inline_max = inline_max_bytes
-        self._inline = policy.probe  # used by the event-loop thread only
+        self._inline = WasmInstance(policy)  # used by the event-loop thread only
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="opa-wasm")
         self._stop = threading.Event()
@@ -178,15 +218,23 @@ class WasmEngine:
         instance = getattr(self._local, "instance", None)
         if instance is None:
             instance = self._local.instance = WasmInstance(self.policy)
-        return instance.evaluate(input_json, self._ticks)
+        try:
+            return instance.evaluate(input_json, self._ticks)
+        except PolicyError:
+            self._local.instance = None  # never reuse an instance a trap may have left broken
+            raise
 
     async def evaluate_json(self, input_json: bytes) -> Any:
         self.evaluations += 1
         if len(input_json) <= self._inline_max:
             try:
-                return self._inline.evaluate(input_json, 1)
+                return self._inline.evaluate(input_json, _INLINE_TICKS)
             except DeadlineExceeded:
-                pass  # slower than a tick: not on the event loop; again, in the pool
+                self._inline = WasmInstance(self.policy)
+                # slower than a tick: not on the event loop; again, in the pool
+            except PolicyError:
+                self._inline = WasmInstance(self.policy)
+                raise
         self.offloaded += 1
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._in_thread, input_json)
 
