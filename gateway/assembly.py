@@ -8,7 +8,7 @@ pool, the decision log, metrics and sessions). The request path only reads from 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -25,7 +25,7 @@ from gateway.auth.tokens import (
 )
 from gateway.config.profiles import Profile, load_profile, proxy_client
 from gateway.config.settings import Settings
-from gateway.mcp.sessions import SessionBinding, build_session_store
+from gateway.mcp.sessions import InFlight, SessionBinding, build_session_store
 from gateway.mcp.upstream import UpstreamClient
 from gateway.oauth.server import CALLBACK_PATH, AuthorizationServer, OAuthState
 from gateway.oauth.signin import IdpSignIn
@@ -65,6 +65,8 @@ class Gateway:
     shadow: PolicyEngine | None = None
     #: the clients' authorization server (authorization_server.mode: proxy), else None
     oauth: AuthorizationServer | None = None
+    #: request ids in flight per session (shared with a reloaded successor)
+    inflight: InFlight = field(default_factory=InFlight)
 
     def __post_init__(self) -> None:
         self.metrics.cache_sources = self._cache_counts
@@ -135,6 +137,7 @@ class Gateway:
             scopes=declared,
             shadow=build_shadow_engine(settings),
             oauth=oauth,
+            inflight=previous.inflight if previous else InFlight(),
         )
 
     @property

@@ -1,7 +1,7 @@
 """The request path: every MCP request, read top to bottom.
 
 origin → token → parse → session → decide → apply (refuse, or forward with the allowed
-token) → bind the session → filter a listing → relay. Each step is a call into its wing;
+token) → bind the session → guard the answer (listings filtered) → relay. Each step is a call into its wing;
 the Gateway assembly holds what the steps use. Every exit is logged as one decision.
 """
 
@@ -10,19 +10,20 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from litestar import Request, Response
 from litestar.response import Stream
 
 from gateway.assembly import Gateway
-from gateway.auth.exchange import ExchangeError
 from gateway.auth.audience import audience_problem
+from gateway.auth.exchange import ExchangeError
 from gateway.auth.metadata import challenge
-from gateway.auth.tokens import TokenError, bearer_token
+from gateway.auth.tokens import TokenError, VerifiedToken, bearer_token
 from gateway.mcp import jsonrpc
+from gateway.mcp.answers import Listing, guard_answer, on_close
 from gateway.mcp.jsonrpc import Refusal
-from gateway.mcp.listings import Listing, filter_answer, listing_for
 from gateway.mcp.messages import (
     McpInputError,
     McpRequest,
@@ -146,6 +147,29 @@ async def request_path(gw: Gateway, request: Request[Any, Any, Any], record: Dec
     except Refusal as exc:
         return refuse(record, exc.status, exc.reason, exc.message, request_id=mcp.id)
 
+    # 2c. One request per id per session at a time: an answer can only go to its own request.
+    release = None
+    if mcp.session_id is not None and mcp.kind == "request":
+        release = gw.inflight.claim(mcp.session_id, mcp.id)
+        if release is None:
+            return refuse(record, 400, "request_id_in_use", "a request with this id is already in progress in this session",
+                          request_id=mcp.id)
+    response: Response[Any] | None = None
+    try:
+        response = await _decide_and_forward(gw, request, record, headers, raw_token, token, mcp, owner, release)
+        return response
+    finally:
+        # a streamed answer releases its id when the stream ends; anything else, now
+        if release is not None and not isinstance(response, Stream):
+            release()
+
+
+async def _decide_and_forward(gw: Gateway, request: Request[Any, Any, Any], record: DecisionRecord, headers: dict[str, str],
+                              raw_token: str, token: VerifiedToken, mcp: McpRequest, owner: Owner,
+                              release: Callable[[], None] | None) -> Response[Any]:
+    """Steps 3 to 6 of the request path; `release` (the request id's claim) goes with a streamed answer."""
+    cfg = gw.settings.config
+
     # 3. Ask the policy.
     record.stage = "policy"
     record.input = policy_input = build_input(
@@ -208,12 +232,14 @@ async def request_path(gw: Gateway, request: Request[Any, Any, Any], record: Dec
         # 5. Bind a new session to its user; forget an ended one.
         await _track_session(gw, mcp, answer, owner)
 
-        # 6. A listing shows only what the caller may use (one policy evaluation per page).
-        if (listing := listing_for(mcp.method, mcp.kind)) is not None and answer.status == 200:
-            answer = await filter_answer(answer, listing, mcp.id, _visible_names(gw, policy_input))
+        # 6. What reaches the client: listings only what the caller may use (one policy
+        #    evaluation per page, whatever stream a page arrives on), responses only to this request.
+        answer = await guard_answer(answer, mcp.id if mcp.kind == "request" else None, _visible_names(gw, policy_input))
     except Refusal as exc:
         await answer.discard()
         return refusal(exc.status, exc.reason, exc.message, request_id=mcp.id)
+    if release is not None and answer.stream is not None:
+        answer = on_close(answer, release)
     return _relay(answer)
 
 

@@ -15,6 +15,8 @@ decision := reject(problem, 401) if {
 	not known_request
 } else := reject("unknown_method", 400) if {
 	not known_method
+} else := reject("invalid_tool_name", 400) if {
+	invalid_tool_name
 } else := reject(problem, 403) if {
 	problem := catalogue_problem
 } else := step_up if {
@@ -87,6 +89,21 @@ known_method if {
 	input.mcp.kind == "notification"
 	some method in data.mcp_methods.notifications
 	method == input.mcp.method
+}
+
+# Tool names: data.mcp_names.tools (policies/mcp-names.yaml) says what one may look like.
+# (trim, not regex: linear whatever the name, nothing compiled per evaluation.)
+invalid_tool_name if {
+	input.mcp.method == "tools/call"
+	rules := data.mcp_names.tools
+	not name_fits(input.mcp.tool, rules)
+}
+
+name_fits(name, rules) if {
+	is_string(name)
+	count(name) >= object.get(rules, "min_length", 1)
+	count(name) <= object.get(rules, "max_length", 128)
+	trim(name, rules.characters) == ""
 }
 
 # --- Audience rules (profile data: input.profile.audience) -------------------

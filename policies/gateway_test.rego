@@ -118,3 +118,25 @@ test_unknown_methods_refused if {
 	method_decision("notification", "notifications/initialized").reason == "allowed"
 	method_decision("response", null).reason == "allowed"
 }
+
+# Tool names outside the specification's character set are refused (data.mcp_names).
+named(tool) := d if {
+	d := gateway.decision with input.token as token(["mcp-client"])
+		with input.profile as profile(strict, "passthrough")
+		with input.mcp as {"kind": "request", "method": "tools/call", "tool": tool}
+		with input.request as {"method": "POST"}
+}
+
+test_spec_tool_names_are_fine if {
+	named("list_notes").reason == "allowed"
+	named("notes.v2-list").reason == "allowed"
+}
+
+test_odd_tool_names_are_refused if {
+	long := "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"
+	count(long) == 129
+	every name in ["a\"b", "a\\b", "a\nb", "", "list notes", "liste_é", long] {
+		named(name).reason == "invalid_tool_name"
+		named(name).status == 400
+	}
+}

@@ -12,11 +12,26 @@ default authz := {}
 
 # --- What a request names ---------------------------------------------------
 
+# The gateway lists every name a request carries in input.mcp.targets ({catalogue, name}):
+# a tool call, a prompt, a resource read, but also a completion on a prompt or a resource
+# template, a (un)subscription, a listen stream's resource subscriptions. Without it (an
+# input written by hand), the method's own name is the target.
 target := {"catalogue": "tools", "name": input.mcp.tool} if input.mcp.method == "tools/call"
 
 target := {"catalogue": "resources", "name": input.mcp.resource_uri} if input.mcp.method == "resources/read"
 
 target := {"catalogue": "prompts", "name": input.mcp.prompt} if input.mcp.method == "prompts/get"
+
+has_targets if is_array(input.mcp.targets)
+
+targets := input.mcp.targets if has_targets
+
+targets := [target] if {
+	not has_targets
+	target
+}
+
+default targets := []
 
 # `null` delimiters: `*` matches every character (OPA's `[]` would stop at ".").
 name_matches(pattern, name) if pattern == name
@@ -54,20 +69,29 @@ usable(catalogue, name) if {
 
 # --- The request's problems, in the order the decision checks them ----------
 
-# The request's own entries, found once (a rule is evaluated once per query; a function
-# call is not remembered, and matching every pattern is the policy's main cost).
-target_requirements := requirements(target.catalogue, target.name)
+# Each target's entries, found once (a rule is evaluated once per query; a function call is
+# not remembered, and matching every pattern is the policy's main cost).
+target_entries := [requirements(t.catalogue, t.name) | some t in targets]
+
+# The entries whose argument rules apply: the tool's or the prompt's own.
+target_requirements := target_entries[0] if input.mcp.method in {"tools/call", "prompts/get"}
+
+default target_requirements := []
 
 # (concat, not sprintf: sprintf is provided by the host in OPA's WebAssembly, and a
 # decision must not depend on a host's number formatting.)
-catalogue_problem := concat("", [trim_suffix(target.catalogue, "s"), "_not_listed"]) if {
-	is_object(authz[target.catalogue])
-	count(target_requirements) == 0
+unlisted_targets contains concat("", [trim_suffix(t.catalogue, "s"), "_not_listed"]) if {
+	some i, t in targets
+	is_object(authz[t.catalogue])
+	count(target_entries[i]) == 0
 	object.get(authz, "unlisted", "deny") != "allow"
 }
 
+catalogue_problem := min(unlisted_targets) if count(unlisted_targets) > 0
+
 missing := {scope |
-	some req in target_requirements
+	some entries in target_entries
+	some req in entries
 	some scope in object.get(req, "scopes", [])
 	not token_scopes[scope]
 }

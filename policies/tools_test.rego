@@ -39,7 +39,9 @@ test_glob_matches_family if call("read_archive", {}, ["notes.read"]).action == "
 
 test_unlisted_tool_refused if call("format_disk", {}, ["notes.read", "notes.write"]).reason == "tool_not_listed"
 
-test_lookalike_name_refused if call("list_nоtes", {}, ["notes.read"]).reason == "tool_not_listed"
+test_lookalike_name_refused if call("list_nоtes", {}, ["notes.read"]).reason == "invalid_tool_name"
+
+test_unlisted_spec_name_refused if call("list_notes2", {}, ["notes.read"]).reason == "tool_not_listed"
 
 test_reader_steps_up_for_write if {
 	d := call("create_note", {"path": "/users/alice/a"}, ["notes.read"])
@@ -135,4 +137,33 @@ test_owned_by_refuses_fractions_and_huge_numbers if {
 	call("delete_note", {"id": 1.5}, ["notes.write"]).reason == "argument_not_allowed: id"
 	call("delete_note", {"id": 1e20}, ["notes.write"]).reason == "argument_not_allowed: id"
 	call("delete_note", {"id": true}, ["notes.write"]).reason == "argument_not_allowed: id"
+}
+
+# Every name a request carries is judged, not only the method's own (input.mcp.targets).
+with_targets(method, targets, scopes) := d if {
+	d := gateway.decision with data.authz as notes_authz(0)
+		with input.token as token(scopes)
+		with input.profile as open_profile(0)
+		with input.mcp as {"kind": "request", "method": method, "targets": targets}
+		with input.request as {"method": "POST"}
+}
+
+test_completion_on_a_hidden_prompt_is_refused if {
+	d := with_targets("completion/complete", [{"catalogue": "prompts", "name": "secret_prompt"}], ["notes.read"])
+	d.reason == "prompt_not_listed"
+}
+
+test_subscription_to_an_allowed_resource_is_accepted if {
+	with_targets("resources/subscribe", [{"catalogue": "resources", "name": "notes://1"}], ["notes.read"]).action == "accept"
+}
+
+test_one_hidden_uri_among_several_refuses_the_listen if {
+	targets := [{"catalogue": "resources", "name": "notes://1"}, {"catalogue": "resources", "name": "files:///etc/passwd"}]
+	with_targets("subscriptions/listen", targets, ["notes.read"]).reason == "resource_not_listed"
+}
+
+test_every_target_needs_its_scopes if {
+	d := with_targets("subscriptions/listen", [{"catalogue": "resources", "name": "notes://1"}], [])
+	d.reason == "insufficient_scope"
+	d.scopes == ["notes.read"]
 }

@@ -60,6 +60,12 @@ class McpRequest:
         return self.name if self.method == "tools/call" else None
 
     @property
+    def targets(self) -> list[dict[str, str]]:
+        """Every tool, prompt or resource this request names, as {catalogue, name}: the per-name
+        rules apply to each (a completion on a hidden prompt, a subscription to a hidden URI)."""
+        return _targets(self.method, self.params) if self.kind == "request" else []
+
+    @property
     def arguments(self) -> dict[str, Any] | None:
         args = self.params.get("arguments") if self.method in ("tools/call", "prompts/get") else None
         return args if isinstance(args, dict) else None
@@ -75,6 +81,7 @@ class McpRequest:
             "prompt": self.name if self.method == "prompts/get" else None,
             # each thing once: the arguments are `arguments` above, request metadata is not policy
             "params": {k: v for k, v in self.params.items() if k not in ("_meta", "arguments")},
+            "targets": self.targets,
             "session_id": self.session_id,
             "protocol_version": self.protocol_version,
         }
@@ -143,6 +150,8 @@ def parse_post(body: bytes, headers: dict[str, str], *, max_depth: int) -> McpRe
         raise _bad(400, jsonrpc.INVALID_REQUEST, "params must be an object", "invalid_params", request_id)
 
     name = _name_param(method, params, request_id)
+    if kind == "request":
+        _check_targets(method, params, request_id)
     version = _protocol_version(method, params, headers, request_id)
     _check_routing_headers(method, name, headers, request_id)
     return McpRequest(
@@ -156,6 +165,52 @@ def parse_post(body: bytes, headers: dict[str, str], *, max_depth: int) -> McpRe
         protocol_version=version,
         body=body,
     )
+
+
+#: at most this many names in one request (a subscription list): each is judged
+MAX_TARGETS = 100
+
+
+def _targets(method: str | None, params: dict[str, Any]) -> list[dict[str, str]]:
+    """The names a (validated) request carries; see `_check_targets`."""
+    if method == "tools/call":
+        return [{"catalogue": "tools", "name": params["name"]}]
+    if method == "prompts/get":
+        return [{"catalogue": "prompts", "name": params["name"]}]
+    if method in ("resources/read", "resources/subscribe", "resources/unsubscribe"):
+        return [{"catalogue": "resources", "name": params["uri"]}]
+    if method == "completion/complete":
+        ref = params["ref"]
+        if ref["type"] == "ref/prompt":
+            return [{"catalogue": "prompts", "name": ref["name"]}]
+        return [{"catalogue": "resources", "name": ref["uri"]}]
+    if method == "subscriptions/listen":
+        uris = (params.get("notifications") or {}).get("resourceSubscriptions") or []
+        return [{"catalogue": "resources", "name": uri} for uri in uris]
+    return []
+
+
+def _check_targets(method: str | None, params: dict[str, Any], request_id: Any) -> None:
+    """Name-bearing params beyond `Mcp-Name`'s three: well-formed, or the request is refused."""
+    def bad(message: str) -> McpInputError:
+        return _bad(400, jsonrpc.INVALID_PARAMS, message, "invalid_params", request_id)
+
+    if method in ("resources/subscribe", "resources/unsubscribe") and not isinstance(params.get("uri"), str):
+        raise bad(f"{method} needs params.uri as a string")
+    if method == "completion/complete":
+        ref = params.get("ref")
+        if not isinstance(ref, dict) or ref.get("type") not in ("ref/prompt", "ref/resource"):
+            raise bad("completion/complete needs params.ref of type ref/prompt or ref/resource")
+        key = "name" if ref["type"] == "ref/prompt" else "uri"
+        if not isinstance(ref.get(key), str):
+            raise bad(f"completion/complete needs params.ref.{key} as a string")
+    if method == "subscriptions/listen":
+        notifications = params.get("notifications", {})
+        uris = notifications.get("resourceSubscriptions") if isinstance(notifications, dict) else None
+        if not isinstance(notifications, dict) or not (uris is None or (isinstance(uris, list) and all(isinstance(u, str) for u in uris))):
+            raise bad("subscriptions/listen needs params.notifications.resourceSubscriptions as a list of strings")
+        if uris is not None and len(uris) > MAX_TARGETS:
+            raise bad(f"subscriptions/listen names more than {MAX_TARGETS} resources")
 
 
 def _name_param(method: str | None, params: dict[str, Any], request_id: Any) -> str | None:

@@ -18,8 +18,9 @@ import json
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from gateway.config.settings import Sessions as SessionsConfig
 from gateway.mcp.jsonrpc import Refusal
@@ -173,3 +174,28 @@ class SessionBinding:
 
     async def closed(self, session_id: str) -> None:
         await self.store.forget(session_key(session_id))
+
+
+class InFlight:
+    """Request ids in flight per session, in this process: a request reusing an id whose first
+    request is still unanswered is refused, so an upstream routing answers by id (the SDK
+    does, by `str(id)`) can never hand one request's answer to another. Ids are compared as
+    that routing does: `"5"` and `5` are one id."""
+
+    def __init__(self) -> None:
+        self._ids: set[tuple[str, str]] = set()
+
+    @staticmethod
+    def _key(session_id: str, request_id: Any) -> tuple[str, str]:
+        return session_key(session_id), str(request_id)
+
+    def claim(self, session_id: str, request_id: Any) -> Callable[[], None] | None:
+        """A release function, or None when the id is already in flight in this session."""
+        key = self._key(session_id, request_id)
+        if key in self._ids:
+            return None
+        self._ids.add(key)
+        return lambda: self._ids.discard(key)
+
+    def __len__(self) -> int:
+        return len(self._ids)

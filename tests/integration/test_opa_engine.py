@@ -28,8 +28,10 @@ def decision_cases() -> list[tuple[str, dict, str]]:
     for method, kind, expected in (("GET", None, "allowed"), ("DELETE", None, "allowed"), ("PUT", None, "unknown_message_kind")):
         case = {**base, "mcp": {**base["mcp"], "kind": kind, "method": None}, "request": {**base["request"], "method": method}}
         cases.append((f"http-{method}", case, expected))
-    for name in ['a"b', "a\\b", "a\nb", "é\u202e", "x" * 2000]:
-        cases.append((f"name-{name[:8]!r}", policy_input(token("mcp-client"), profile(RULES["A_strict"]), tool=name), "allowed"))
+    for name in ['a"b', "a\\b", "a\nb", "é\u202e", "x" * 2000]:  # refused even without per-tool data (item 19)
+        cases.append((f"name-{name[:8]!r}", policy_input(token("mcp-client"), profile(RULES["A_strict"]), tool=name), "invalid_tool_name"))
+    for name in ["any_tool", "notes.v2-x"]:
+        cases.append((f"name-{name}", policy_input(token("mcp-client"), profile(RULES["A_strict"]), tool=name), "allowed"))
     return cases
 
 
@@ -81,14 +83,15 @@ def tool_cases() -> list[tuple[str, dict, str]]:
         ("purge_notes", {}, "notes.write", "insufficient_scope"),
         ("purge_notes", {}, "notes.admin", "allowed"),
     ]
-    calls += [(name, {}, "notes.read notes.write notes.admin", "tool_not_listed") for name in ['list_notes"', "list_notes\\", "list_notes\n", "list_nоtes", "*", "x" * 5000]]
+    calls += [(name, {}, "notes.read notes.write notes.admin", "invalid_tool_name") for name in ['list_notes"', "list_notes\\", "list_notes\n", "list_nоtes", "*", "x" * 5000]]
+    calls += [("list_notes2", {}, "notes.read notes.write notes.admin", "tool_not_listed")]
     for i, (tool, args, scope, expected) in enumerate(calls):
         case = policy_input(token("mcp-client", scope=scope, sub="alice"), profile(RULES["A_strict"]), tool=tool)
         case["mcp"]["arguments"] = args
         cases.append((f"tool-{i}-{tool[:12]!r}", case, expected))
     for scope in ("", "notes.read", "notes.read notes.write"):
         case = policy_input(token("mcp-client", scope=scope, sub="alice"), profile(RULES["A_strict"]))
-        case["mcp"] = {**case["mcp"], "method": "tools/list", "tool": None, "arguments": None}
+        case["mcp"] = {**case["mcp"], "method": "tools/list", "tool": None, "arguments": None, "targets": []}
         case["listing"] = {"catalogue": "tools", "names": ["list_notes", "create_note", "purge_notes", "other"]}
         cases.append((f"listing-{scope!r}", case, "allowed"))
     return cases

@@ -77,7 +77,7 @@ def policy_inputs(draw: st.DrawFn) -> dict[str, Any]:
                         profile(RULES[rule], draw(st.sampled_from(["passthrough", "exchange"]))), tool=draw(names))
     case["mcp"]["arguments"] = draw(arguments)
     if draw(st.booleans()):
-        case["mcp"] = {**case["mcp"], "method": "tools/list", "tool": None, "arguments": None}
+        case["mcp"] = {**case["mcp"], "method": "tools/list", "tool": None, "arguments": None, "targets": []}
         case["listing"] = {"catalogue": "tools", "names": draw(st.lists(names, max_size=6))}
     return case
 

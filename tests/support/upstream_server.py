@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import uvicorn
 from mcp.server.mcpserver import Context
+from mcp.server.streamable_http import EventMessage, EventStore
 
 from gateway.dev.notes_server import build_notes_server
 
@@ -92,7 +93,32 @@ class Recorder:
         await self.app(scope, replay, send)
 
 
-def build_app(record_dir: Path, *, json_response: bool = False, stateless: bool = False, check: TokenCheck | None = None) -> Any:
+class SharedEventStore(EventStore):
+    """`--resumable`: every SSE event kept in memory, in one store for all sessions (as the
+    attacked deployment had), replayed after any `Last-Event-ID`. Test-only: no bound."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, Any]] = []  # (event id, stream id, message)
+
+    async def store_event(self, stream_id: str, message: Any) -> str:
+        event_id = f"{stream_id}-{len(self.events)}"
+        self.events.append((event_id, stream_id, message))
+        return event_id
+
+    async def replay_events_after(self, last_event_id: str, send_callback: Any) -> str | None:
+        ids = [e[0] for e in self.events]
+        if last_event_id not in ids:
+            return None
+        start = ids.index(last_event_id)
+        stream_id = self.events[start][1]
+        for event_id, _, message in self.events[start + 1 :]:
+            if message is not None:
+                await send_callback(EventMessage(message, event_id))
+        return stream_id
+
+
+def build_app(record_dir: Path, *, json_response: bool = False, stateless: bool = False, check: TokenCheck | None = None,
+              resumable: bool = False) -> Any:
     server = build_notes_server("test-notes")
 
     @server.tool(description="Report progress, then wait until the client creates the release file.")
@@ -105,7 +131,8 @@ def build_app(record_dir: Path, *, json_response: bool = False, stateless: bool 
             await asyncio.sleep(0.05)
         return "not released"
 
-    app = server.streamable_http_app(streamable_http_path="/mcp", json_response=json_response, stateless_http=stateless)
+    app = server.streamable_http_app(streamable_http_path="/mcp", json_response=json_response, stateless_http=stateless,
+                                     event_store=SharedEventStore() if resumable else None)
     return Recorder(BrokenStream(app), record_dir / "requests.jsonl", check)
 
 
@@ -132,12 +159,13 @@ def main() -> None:
     parser.add_argument("--record", type=Path, required=True)
     parser.add_argument("--json-response", action="store_true")
     parser.add_argument("--stateless", action="store_true")
+    parser.add_argument("--resumable", action="store_true", help="keep SSE events and replay them after Last-Event-ID")
     parser.add_argument("--verify-jwks", help="verify bearer JWTs against this JWKS URL")
     parser.add_argument("--verify-issuer", help="the issuer those JWTs must carry")
     args = parser.parse_args()
     args.record.mkdir(parents=True, exist_ok=True)
     check = TokenCheck(args.verify_jwks, args.verify_issuer) if args.verify_jwks else None
-    app = build_app(args.record, json_response=args.json_response, stateless=args.stateless, check=check)
+    app = build_app(args.record, json_response=args.json_response, stateless=args.stateless, check=check, resumable=args.resumable)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", lifespan="on")
 
 

@@ -1,0 +1,154 @@
+"""The outside review's attacks, replayed against a running gateway with the SDK upstream.
+
+Each test reproduces a class of attack that worked before its fix (the docstring says how it
+looked) and checks what the attacker observes now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT, _running_upstream, make_profile
+
+NOTES_DATA = str(ROOT / "examples" / "notes-authz.yaml")
+ACCEPT = "application/json, text/event-stream"
+HIDDEN_FROM_READERS = ("create_note", "delete_note", "purge_notes")
+
+
+@pytest.fixture(scope="module")
+def resumable_upstream(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Stateful SSE upstream whose event store is shared by every session (as attacked)."""
+    yield from _running_upstream(tmp_path_factory, "resumable-upstream", "--resumable")
+
+
+@pytest.fixture(scope="module")
+def gateway(gateways: Any, issuer: Any, resumable_upstream: Any) -> Any:
+    return gateways.start(profile=make_profile(issuer, scopes_supported=[]), upstream_url=resumable_upstream.url,
+                          config={"policy": {"bundle": str(ROOT / "policies"), "data": [NOTES_DATA]}})
+
+
+def headers(token: str, session: str | None = None, **extra: str) -> dict[str, str]:
+    out = {"Accept": ACCEPT, "Content-Type": "application/json", "Authorization": f"Bearer {token}", "Mcp-Protocol-Version": "2025-11-25",
+           **extra}
+    if session:
+        out["Mcp-Session-Id"] = session
+    return out
+
+
+async def open_session(http: httpx.AsyncClient, url: str, token: str) -> str:
+    init = {"jsonrpc": "2.0", "id": 0, "method": "initialize",
+            "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "attacker", "version": "1"}}}
+    resp = await http.post(url, json=init, headers=headers(token))
+    assert resp.status_code == 200, resp.text
+    session = resp.headers["mcp-session-id"]
+    done = await http.post(url, json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=headers(token, session))
+    assert done.status_code == 202
+    return session
+
+
+def sse_messages(text: str) -> list[dict[str, Any]]:
+    out = []
+    for event in text.replace("\r\n", "\n").split("\n\n"):
+        data = "\n".join(line[5:].lstrip() for line in event.split("\n") if line.startswith("data:"))
+        if data:
+            out.append(json.loads(data))
+    return out
+
+
+async def test_a_reused_request_id_never_delivers_an_unfiltered_listing(gateway: Any, issuer: Any) -> None:
+    """Before: tools/list and tools/call sent at once with the same id (or "5" and 5) in one
+    session; the SDK routes answers by str(id), so the unfiltered listing came back on the
+    tools/call stream, relayed unfiltered (16 of 30 rounds showed purge_notes to a reader)."""
+    reader = issuer.mint(aud=gateway.resource, scope="notes.read")
+    async with httpx.AsyncClient(timeout=20) as http:
+        session = await open_session(http, gateway.mcp_url, reader)
+        seen, refused = "", 0
+        for round_ in range(30):
+            ids = (5, 5) if round_ % 2 else ("5", 5)
+            listing = {"jsonrpc": "2.0", "id": ids[0], "method": "tools/list"}
+            call = {"jsonrpc": "2.0", "id": ids[1], "method": "tools/call", "params": {"name": "list_notes", "arguments": {}}}
+            answers = await asyncio.gather(*(http.post(gateway.mcp_url, json=body, headers=headers(reader, session)) for body in (listing, call)))
+            for answer in answers:
+                seen += answer.text
+                refused += answer.status_code == 400 and "request_id_in_use" in answer.text
+    assert not [name for name in HIDDEN_FROM_READERS if name in seen], "a hidden tool reached a reader"
+    assert refused > 0  # the race was on, and the second request with the id was refused
+
+
+async def test_ids_are_per_session(gateway: Any, issuer: Any) -> None:
+    reader = issuer.mint(aud=gateway.resource, scope="notes.read")
+    async with httpx.AsyncClient(timeout=20) as http:
+        a, b = await open_session(http, gateway.mcp_url, reader), await open_session(http, gateway.mcp_url, reader)
+        listing = {"jsonrpc": "2.0", "id": 9, "method": "tools/list"}
+        answers = await asyncio.gather(*(http.post(gateway.mcp_url, json=listing, headers=headers(reader, s)) for s in (a, b)))
+    assert [r.status_code for r in answers] == [200, 200]
+
+
+async def test_replay_after_last_event_id_is_filtered_too(gateway: Any, issuer: Any) -> None:
+    """Before: GET with Last-Event-ID of a filtered listing's stream replayed the upstream's
+    stored, unfiltered events (with a store shared across sessions, other users' too)."""
+    writer = issuer.mint(aud=gateway.resource, sub="wendy", scope="notes.read notes.write notes.admin")
+    reader = issuer.mint(aud=gateway.resource, sub="rita", scope="notes.read")
+    async with httpx.AsyncClient(timeout=20) as http:
+        writer_session = await open_session(http, gateway.mcp_url, writer)
+        page = await http.post(gateway.mcp_url, json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"}, headers=headers(writer, writer_session))
+        assert "purge_notes" in page.text  # the admin sees it
+        event_ids = [line[3:].strip() for line in page.text.replace("\r\n", "\n").split("\n") if line.startswith("id:")]
+        assert event_ids, page.text
+        reader_session = await open_session(http, gateway.mcp_url, reader)
+        for last in event_ids[:1]:
+            async with http.stream("GET", gateway.mcp_url, headers=headers(reader, reader_session, **{"Last-Event-ID": last})) as replay:
+                text = ""
+                try:
+                    async with asyncio.timeout(2):
+                        async for chunk in replay.aiter_text():
+                            text += chunk
+                except TimeoutError:
+                    pass  # the GET stream stays open after the replay
+        for message in sse_messages(text):
+            tools = {t["name"] for t in (message.get("result") or {}).get("tools", [])}
+            assert not tools & set(HIDDEN_FROM_READERS), message
+
+
+@pytest.fixture(scope="module")
+def json_gateway(gateways: Any, issuer: Any, json_upstream: Any) -> Any:
+    return gateways.start(profile=make_profile(issuer, scopes_supported=[]), upstream_url=json_upstream.url,
+                          config={"policy": {"bundle": str(ROOT / "policies"), "data": [NOTES_DATA]}})
+
+
+@pytest.mark.parametrize("method,params,expected", [
+    ("completion/complete", {"ref": {"type": "ref/prompt", "name": "secret_prompt"}, "argument": {"name": "a", "value": ""}},
+     (403, "prompt_not_listed")),
+    ("completion/complete", {"ref": {"type": "ref/resource", "uri": "files:///etc/{name}"}, "argument": {"name": "name", "value": "p"}},
+     (403, "resource_not_listed")),
+    ("resources/subscribe", {"uri": "files:///etc/passwd"}, (403, "resource_not_listed")),
+    ("resources/unsubscribe", {"uri": "files:///etc/passwd"}, (403, "resource_not_listed")),
+    ("subscriptions/listen", {"notifications": {"resourceSubscriptions": ["notes://1", "files:///etc/passwd"]}}, (403, "resource_not_listed")),
+    ("completion/complete", {"ref": {"type": "ref/tool", "name": "x"}}, (400, "invalid_params")),
+    ("resources/subscribe", {"uri": 5}, (400, "invalid_params")),
+    ("subscriptions/listen", {"notifications": {"resourceSubscriptions": "notes://1"}}, (400, "invalid_params")),
+])
+def test_every_method_that_names_something_goes_through_the_per_name_rules(json_gateway: Any, issuer: Any, json_upstream: Any,
+                                                                          method: str, params: dict[str, Any], expected: tuple[int, str]) -> None:
+    """Before: completion/complete on a hidden prompt returned data; (un)subscribe and
+    subscriptions/listen on hidden URIs were accepted."""
+    token = issuer.mint(aud=json_gateway.resource, scope="notes.read notes.write notes.admin")
+    json_upstream.clear()
+    resp = httpx.post(json_gateway.mcp_url, json={"jsonrpc": "2.0", "id": 1, "method": method, "params": params}, headers=headers(token))
+    assert (resp.status_code, resp.json()["error"]["data"]["reason"]) == expected
+    assert json_upstream.requests() == []
+
+
+def test_a_completion_on_a_visible_prompt_is_forwarded(json_gateway: Any, issuer: Any, json_upstream: Any) -> None:
+    token = issuer.mint(aud=json_gateway.resource, scope="notes.read")
+    json_upstream.clear()
+    body = {"jsonrpc": "2.0", "id": 1, "method": "completion/complete",
+            "params": {"ref": {"type": "ref/prompt", "name": "summarize_notes"}, "argument": {"name": "topic", "value": "a"}}}
+    resp = httpx.post(json_gateway.mcp_url, json=body, headers=headers(token))
+    assert resp.status_code == 200, resp.text
+    assert len(json_upstream.requests()) == 1
