@@ -24,7 +24,9 @@ from gateway.policy.input import build_input
 
 
 def redact(raw: str) -> str:
-    return raw[:12] + "…[redacted]" if len(raw) > 12 else "[redacted]"
+    """A token as explain may show it: its hash's prefix, never a character of the token
+    (an opaque token's first characters are part of the secret)."""
+    return f"[redacted, sha256 {token_hash(raw)[:16]}…]"
 
 
 def token_from_claims(claims: dict[str, Any], profile: Profile) -> VerifiedToken:

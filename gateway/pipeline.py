@@ -30,7 +30,7 @@ from gateway.mcp.messages import (
     parse_post,
     parse_stream_request,
 )
-from gateway.mcp.sessions import Owner, SessionNotFound
+from gateway.mcp.sessions import Owner, SessionNotFound, session_owner
 from gateway.mcp.upstream import UpstreamAnswer, UpstreamError, forwarded_headers
 from gateway.ops.audit import AUDIT_LOGGER, DecisionRecord
 from gateway.policy.decision import Action, Decision, PolicyError
@@ -137,7 +137,9 @@ async def request_path(gw: Gateway, request: Request[Any, Any, Any], record: Dec
 
     # 2b. A session id is only honoured for the user who opened it.
     record.stage = "session"
-    owner = Owner(token.issuer, token.subject or f"client:{token.client_id}")
+    owner = session_owner(token)
+    if owner is None:
+        return _token_refusal(gw, record, TokenError("no_subject", "the token names neither a subject nor a client"))
     try:
         await gw.sessions.check(mcp.session_id, owner)
     except SessionNotFound as exc:
@@ -198,8 +200,8 @@ async def _decide_and_forward(gw: Gateway, request: Request[Any, Any, Any], reco
     record.result = decision.as_dict()
     if gw.shadow is not None:
         await _compare_shadow(gw, record, policy_input)
-    audit.info(
-        "decision id=%s action=%s reason=%s sub=%s kind=%s method=%s name=%s",
+    audit.info(  # %r: a name with CR, LF or NUL cannot forge a line of its own
+        "decision id=%s action=%s reason=%r sub=%r kind=%s method=%r name=%r",
         record.decision_id, decision.action.value, decision.reason, token.subject, token.kind, mcp.method or request.method, mcp.name,
     )
 

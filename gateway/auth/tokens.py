@@ -13,6 +13,7 @@ import asyncio
 import base64
 import binascii
 import hashlib
+import math
 import json
 import logging
 import time
@@ -228,7 +229,8 @@ def _first_claim(claims: dict[str, Any], names: tuple[str, ...]) -> Any:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A finite number (NaN, Infinity and 1e400 would make a token that never expires)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def normalise_claims(claims: dict[str, Any], profile: Profile) -> tuple[str | None, str | None, tuple[str, ...], tuple[str, ...]]:

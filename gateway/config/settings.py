@@ -32,6 +32,9 @@ class Upstream(Strict):
     connect_timeout: float = pydantic.Field(5.0, gt=0)
     #: request headers forwarded beyond the built-in MCP allow-list (lower-case names)
     forward_headers: tuple[str, ...] = ()
+    #: response headers relayed to the client beyond the built-in allow-list (content-type,
+    #: mcp-session-id, mcp-protocol-version, cache-control, retry-after, vary, etag, last-modified)
+    relay_headers: tuple[str, ...] = ()
     max_connections: int = pydantic.Field(100, ge=1)
     #: seconds an idle pooled connection is kept; must stay below the upstream server's own
     #: idle timeout (uvicorn: 5 s), or a request may go out on a connection it is closing
@@ -45,7 +48,7 @@ class Upstream(Strict):
             raise ValueError("must be an http:// or https:// URL")
         return v
 
-    @pydantic.field_validator("forward_headers")
+    @pydantic.field_validator("forward_headers", "relay_headers")
     @classmethod
     def _lower(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(h.lower() for h in v)

@@ -20,7 +20,7 @@ from mcp.shared.inbound import (
 )
 
 from gateway.mcp import jsonrpc
-from gateway.mcp.jsonstrict import StrictDecoder, depth_exceeds
+from gateway.mcp.jsonstrict import StrictDecoder, depth_exceeds, has_lone_surrogate
 
 SESSION_HEADER = "mcp-session-id"
 PROTOCOL_HEADER = "mcp-protocol-version"
@@ -129,6 +129,8 @@ def parse_post(body: bytes, headers: dict[str, str], *, max_depth: int) -> McpRe
         raise _bad(400, jsonrpc.INVALID_REQUEST, "the body must be a JSON-RPC object", "not_an_object")
     if depth_exceeds(msg, max_depth):
         raise _bad(400, jsonrpc.INVALID_REQUEST, f"the message is nested deeper than {max_depth} levels", "too_deep")
+    if has_lone_surrogate(body, msg):
+        raise _bad(400, jsonrpc.PARSE_ERROR, "the body holds text that is not valid Unicode (a lone surrogate)", "invalid_unicode")
     request_id = msg.get("id")
     if msg.get("jsonrpc") != "2.0":
         raise _bad(400, jsonrpc.INVALID_REQUEST, 'jsonrpc must be "2.0"', "invalid_envelope", request_id)

@@ -35,6 +35,16 @@ class Owner:
     subject: str
 
 
+def session_owner(token: Any) -> Owner | None:
+    """Who owns the sessions a token opens: its subject, else its client, never ambiguous
+    (a subject "client:x" and the client x are different owners); None when it names neither."""
+    if isinstance(token.subject, str) and token.subject:
+        return Owner(token.issuer, "sub:" + token.subject)
+    if isinstance(token.client_id, str) and token.client_id:
+        return Owner(token.issuer, "client:" + token.client_id)
+    return None
+
+
 class SessionStoreError(Refusal):
     def __init__(self, message: str) -> None:
         super().__init__(503, "session_store_unavailable", message)

@@ -35,12 +35,16 @@ FORWARDED_REQUEST_HEADERS = frozenset(
 #: 2026-07-28 mirrors selected tool arguments into `Mcp-Param-*` headers
 FORWARDED_REQUEST_PREFIXES = ("mcp-param-",)
 
+#: never forwarded either way (RFC 9110 §7.6.1); the request allow-list leaves them out anyway
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade"}
 )
-#: not relayed to the client: hop-by-hop, framing we redo, headers our server sets itself,
-#: and the upstream's own auth challenge (clients must only see the gateway's metadata)
-DROPPED_RESPONSE_HEADERS = HOP_BY_HOP | {"content-length", "content-encoding", "date", "server", "www-authenticate"}
+#: the upstream's response headers a client gets (an allow-list, as for requests): cookies,
+#: CORS, auth challenges, framing and anything unknown stay behind (`upstream.relay_headers`
+#: adds to it)
+RELAYED_RESPONSE_HEADERS = frozenset(
+    {"content-type", "mcp-session-id", "mcp-protocol-version", "cache-control", "retry-after", "vary", "etag", "last-modified"}
+)
 
 
 class UpstreamError(Refusal):
@@ -87,6 +91,7 @@ class UpstreamClient:
         #: SSE answers being relayed; each is closed (and counted down) when it ends, breaks or the client leaves
         self.open_streams = 0
         self._session: aiohttp.ClientSession | None = None
+        self._relayed = RELAYED_RESPONSE_HEADERS | frozenset(config.relay_headers)
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -124,11 +129,8 @@ class UpstreamClient:
         except aiohttp.ClientError as exc:
             log.warning("upstream %s unreachable: %s", self.url, type(exc).__name__)
             raise UpstreamError(502, "upstream_unreachable", "the upstream MCP server cannot be reached") from None
-        headers_out = [
-            (k.decode("latin-1"), v.decode("latin-1"))
-            for k, v in response.raw_headers
-            if k.decode("latin-1").lower() not in DROPPED_RESPONSE_HEADERS
-        ]
+        relayed = self._relayed
+        headers_out = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers if k.decode("latin-1").lower() in relayed]
         media_type = response.headers.get("Content-Type", "application/octet-stream")
         if media_type.split(";")[0].strip().lower() == "text/event-stream":
             self.open_streams += 1

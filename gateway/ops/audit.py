@@ -11,6 +11,7 @@ named in REDACTED_CLAIMS is masked.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import sys
@@ -53,14 +54,29 @@ def _line(entry: dict[str, Any]) -> str:
         return json.dumps(entry, ensure_ascii=True, default=str) + "\n"
 
 
+def hashed_session(session_id: Any) -> Any:
+    """A session id as the log may show it: a session id is a bearer of the session."""
+    if not isinstance(session_id, str):
+        return session_id
+    return "sha256:" + hashlib.sha256(session_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
 def _redacted(policy_input: dict[str, Any] | None) -> dict[str, Any] | None:
     if policy_input is None:
         return None
+    out = dict(policy_input)
     token = policy_input.get("token")
-    if not isinstance(token, dict):
-        return policy_input
-    claims = {k: ("[redacted]" if k in REDACTED_CLAIMS else v) for k, v in token.get("claims", {}).items()}
-    return {**policy_input, "token": {**token, "claims": claims}}
+    if isinstance(token, dict):
+        claims = {k: ("[redacted]" if k in REDACTED_CLAIMS else v) for k, v in token.get("claims", {}).items()}
+        out["token"] = {**token, "claims": claims}
+    mcp = policy_input.get("mcp")
+    if isinstance(mcp, dict) and mcp.get("session_id") is not None:
+        out["mcp"] = {**mcp, "session_id": hashed_session(mcp["session_id"])}
+    request = policy_input.get("request")
+    headers = request.get("headers") if isinstance(request, dict) else None
+    if isinstance(headers, dict) and "mcp-session-id" in headers:
+        out["request"] = {**request, "headers": {**headers, "mcp-session-id": hashed_session(headers["mcp-session-id"])}}
+    return out
 
 
 class DecisionLog:

@@ -54,6 +54,15 @@ def _read_data(path: Path, rel: str) -> Any:
     return load_yaml(path)
 
 
+def merge_data_files(files: tuple[Path, ...]) -> dict[str, Any]:
+    """Data files merged at the data root, as `opa run BUNDLE FILE...` merges them."""
+    data: dict[str, Any] = {}
+    for path in files:
+        value = _read_data(path, str(path))
+        _merge(data, (), value if value is not None else {}, str(path))
+    return data
+
+
 def load_bundle(root: Path, extra_data: tuple[Path, ...] = ()) -> Bundle:
     """Read every .rego and data file under `root` (hidden directories skipped), then
     `extra_data` files merged at the data root."""

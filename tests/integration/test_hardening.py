@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -152,3 +153,44 @@ def test_a_completion_on_a_visible_prompt_is_forwarded(json_gateway: Any, issuer
     resp = httpx.post(json_gateway.mcp_url, json=body, headers=headers(token))
     assert resp.status_code == 200, resp.text
     assert len(json_upstream.requests()) == 1
+
+
+def test_a_name_cannot_forge_a_line_of_the_audit_log(json_gateway: Any, issuer: Any) -> None:
+    """Names with CR/LF/NUL forged lines in the text audit log."""
+    token = issuer.mint(aud=json_gateway.resource, scope="notes.read")
+    forged = "x\n2026-01-01 00:00:00,000 INFO gateway.audit: decision id=forged action=accept\r\x00"
+    call = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": forged, "arguments": {}}}
+    assert httpx.post(json_gateway.mcp_url, json=call, headers=headers(token)).status_code == 400
+    lines = json_gateway.log().splitlines()
+    assert not [line for line in lines if line.startswith("2026-01-01 00:00:00,000")]
+    assert [line for line in lines if "gateway.audit" in line and "id=forged" in line]  # logged, escaped, inside a real line
+
+
+def test_opa_without_the_configured_data_refuses_and_is_not_ready(gateways: Any, issuer: Any, json_upstream: Any, tmp_path: Any) -> None:
+    """policy.engine: opa silently dropped policy.data: purge_notes became callable by anyone."""
+    from tests.conftest import start_opa
+
+    bare = start_opa(ROOT / "policies", tmp_path)  # OPA without the notes data
+    try:
+        gw = gateways.start(profile=make_profile(issuer, scopes_supported=[]), upstream_url=json_upstream.url,
+                            config={"policy": {"engine": "opa", "opa_url": bare.url, "bundle": str(ROOT / "policies"), "data": [NOTES_DATA]}})
+        token = issuer.mint(aud=gw.resource, scope="notes.read")
+        json_upstream.clear()
+        call = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "purge_notes", "arguments": {}}}
+        resp = httpx.post(gw.mcp_url, json=call, headers=headers(token))
+        assert resp.status_code == 503 and json_upstream.requests() == []
+        ready = httpx.get(gw.base + "/readyz")
+        assert ready.status_code == 503 and ready.json()["checks"]["policy"] is False
+        assert "OPA does not hold the configured policy data" in gw.log()
+    finally:
+        bare.stop()
+    with_data = start_opa(ROOT / "policies", tmp_path, Path(NOTES_DATA))
+    try:
+        gw = gateways.start(profile=make_profile(issuer, scopes_supported=[]), upstream_url=json_upstream.url,
+                            config={"policy": {"engine": "opa", "opa_url": with_data.url, "bundle": str(ROOT / "policies"), "data": [NOTES_DATA]}})
+        token = issuer.mint(aud=gw.resource, scope="notes.read")
+        resp = httpx.post(gw.mcp_url, json=call, headers=headers(token))
+        assert resp.status_code == 403 and resp.json()["error"]["data"]["reason"] == "insufficient_scope"
+        assert httpx.get(gw.base + "/readyz").status_code == 200
+    finally:
+        with_data.stop()

@@ -191,7 +191,7 @@ def test_nextcloud_opaque_token_introspected_and_passed_through(nextcloud_gatewa
     resp = post(nextcloud_gateway.mcp_url, token, LIST)
     assert resp.status_code == 200, resp.text
     assert upstream_tokens(nextcloud_upstream) == [token]
-    assert "sub=olivia kind=opaque" in nextcloud_gateway.log()
+    assert "sub='olivia' kind=opaque" in nextcloud_gateway.log()
 
 
 def test_revoked_opaque_token_is_401(nextcloud_gateway, nextcloud_idp, nextcloud_upstream) -> None:

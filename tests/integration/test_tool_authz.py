@@ -248,8 +248,8 @@ async def test_a_hijacked_session_id_is_refused_as_not_found(issuer, notes_gatew
             assert notes_upstream.requests() == []  # neither reached the upstream
             assert not (await client.call_tool("list_notes", {})).is_error  # the owner goes on
     refusals = [line for line in gw.log().splitlines() if "refused" in line and "session" in line]
-    assert any("belongs to another user; refused as not found (sub=mallory, owner sub=alice)" in line for line in refusals)
-    assert any("unknown to the gateway; refused (sub=alice)" in line for line in refusals)
+    assert any("belongs to another user; refused as not found (sub=sub:mallory, owner sub=sub:alice)" in line for line in refusals)
+    assert any("unknown to the gateway; refused (sub=sub:alice)" in line for line in refusals)
     assert not any(sid in line for line in refusals)  # the warnings name the id by its hash
 
 
