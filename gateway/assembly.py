@@ -97,7 +97,8 @@ class Gateway:
             )
             jwt_verifier = JwtVerifier(profile, jwks, verified)
         if "opaque" in profile.token_kinds:
-            opaque_verifier = IntrospectionVerifier(profile, issuer, idp_http, verified)
+            opaque_verifier = IntrospectionVerifier(profile, issuer, idp_http, verified,
+                                                    per_address_per_minute=cfg.caches.introspections_per_address_per_minute)
         if profile.exchange is not None:
             exchanger = TokenExchanger(
                 profile.exchange,
@@ -130,7 +131,7 @@ class Gateway:
             idp_http=idp_http,
             upstream=previous.upstream if previous else UpstreamClient(cfg.upstream),
             metadata_url=metadata_url(cfg.public_url, cfg.mcp_path),
-            decisions=previous.decisions if previous else DecisionLog(cfg.decision_log),
+            decisions=previous.decisions if previous else DecisionLog(cfg.decision_log, max_line_bytes=cfg.decision_log_max_line_bytes),
             verified_cache=verified,
             metrics=previous.metrics if previous else Metrics(),
             sessions=previous.sessions if previous else SessionBinding(build_session_store(cfg.sessions)),

@@ -115,7 +115,7 @@ async def request_path(gw: Gateway, request: Request[Any, Any, Any], record: Dec
             www = challenge(gw.metadata_url, scope=gw.scopes.initial)
             return refuse(record, 401, "missing_token", "a bearer token is required", www_authenticate=www)
         with gw.metrics.timed("verify"):
-            token = await gw.verifier.verify(raw_token)
+            token = await gw.verifier.verify(raw_token, client_address=record.requested_by)
     except TokenError as exc:
         return _token_refusal(gw, record, exc)
 
@@ -272,6 +272,10 @@ def refuse(record: DecisionRecord, status: int, reason: str, message: str, **kwa
 
 
 def _token_refusal(gw: Gateway, record: DecisionRecord, exc: TokenError) -> Response[bytes]:
+    if exc.status == 429:
+        response = refuse(record, 429, exc.reason, exc.description)
+        response.headers["Retry-After"] = "60"
+        return response
     if exc.status == 401:
         www = challenge(gw.metadata_url, error="invalid_token", description=exc.description)
         return refuse(record, 401, exc.reason, exc.description, www_authenticate=www)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -108,9 +109,9 @@ class TokenExchanger:
             token = await self._request(subject, raw, audience, scopes)
         except ExchangeError as exc:
             failure = _Failure(exc, self._clock() + self._failure_ttl)
-            if exc.status >= 500:
-                self._idp_down = failure  # the IdP (or our client) is broken: every key waits
-            else:
+            if exc.reason in ("exchange_unavailable", "exchange_timeout", "exchange_client_rejected"):
+                self._idp_down = failure  # unreachable, or our own client refused: every key waits
+            else:  # the IdP answered, for this subject token: only it waits (a 5xx one user causes is theirs)
                 self._refused[key] = failure  # this subject token is refused: only this key waits
                 while len(self._refused) > self._max:
                     self._refused.popitem(last=False)
@@ -164,7 +165,7 @@ class TokenExchanger:
 
     def _refusal(self, resp: httpx.Response, raw: str) -> ExchangeError:
         error, description = oauth_error(resp)
-        log.warning("token exchange refused: HTTP %s %s %s", resp.status_code, error, description.replace(raw, "[token]")[:200])
+        log.warning("token exchange refused: HTTP %s %s %s", resp.status_code, error[:60], _scrub(description)[:200])
         if resp.status_code >= 500:
             return ExchangeError(502, "exchange_failed", "the identity provider failed the token exchange")
         if error == "invalid_client":
@@ -202,3 +203,13 @@ class TokenExchanger:
         now = self._clock()
         expires_at = min(now + float(expires_in) - self._margin, subject.expires_at)
         return ExchangedToken(access_token=access, expires_at=expires_at, audience=audience, scopes=granted_scopes)
+
+
+#: a run that could be a token in any encoding (raw, URL-encoded, base64, JSON-escaped)
+_TOKEN_LIKE = re.compile(r"[A-Za-z0-9\-_.~+/=%\\]{16,}")
+
+
+def _scrub(text: str) -> str:
+    """An IdP's error text as the log may keep it: anything token-like masked, whatever the
+    encoding the IdP echoed the subject token in."""
+    return _TOKEN_LIKE.sub("[redacted]", text)

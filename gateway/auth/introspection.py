@@ -9,6 +9,7 @@ of dead tokens does not hammer the IdP.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from gateway.auth.tokens import (
     normalise_claims,
 )
 from gateway.config.profiles import Profile
+from gateway.state.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 INACTIVE_TTL = 10.0
@@ -38,6 +40,7 @@ class IntrospectionVerifier:
         http: httpx.AsyncClient,
         cache: VerifiedTokenCache,
         clock: Callable[[], float] = time.time,
+        per_address_per_minute: int = 60,
     ) -> None:
         if profile.introspection is None:
             raise ValueError("profile has no introspection section")
@@ -48,15 +51,22 @@ class IntrospectionVerifier:
         self._cache = cache
         self._clock = clock
         self._inactive: OrderedDict[str, float] = OrderedDict()
+        #: each unknown string costs the IdP a call: a bucket per client address bounds it
+        self._limiter = RateLimiter(per_address_per_minute)
         self.requests = 0
 
-    async def verify(self, raw: str) -> VerifiedToken:
+    async def verify(self, raw: str, *, client_address: str | None = None) -> VerifiedToken:
         digest, cached = cached_lookup(self._cache, raw)
         if cached is not None:
             return cached
         now = self._clock()
         if self._inactive.get(digest, 0.0) > now:
             raise TokenError("token_inactive", "the identity provider reports the token as not active")
+        allowed, retry = self._limiter.allow(client_address or "unknown")
+        if not allowed:
+            log.warning("introspection rate exceeded for %s; token refused unchecked", client_address)
+            raise TokenError("introspection_rate_limited", f"too many unknown tokens from this address; retry in {retry:.0f} s",
+                             status=429)
         body = await self._introspect(raw)
         if body.get("active") is not True:
             self._inactive[digest] = now + INACTIVE_TTL
@@ -101,8 +111,8 @@ class IntrospectionVerifier:
         if issuer != self._profile.issuer:
             raise TokenError("wrong_issuer", "the token was not issued by this profile's issuer")
         exp = claims.get("exp")
-        if exp is not None and (isinstance(exp, bool) or not isinstance(exp, (int, float))):
-            raise TokenError("invalid_claims", "exp must be a number")
+        if exp is not None and (isinstance(exp, bool) or not isinstance(exp, (int, float)) or not math.isfinite(exp)):
+            raise TokenError("invalid_claims", "exp must be a finite number")
         if exp is not None and exp <= now:
             raise TokenError("expired", "the token has expired")
         subject, client, scopes, audiences = normalise_claims(claims, self._profile)

@@ -13,9 +13,9 @@ import asyncio
 import base64
 import binascii
 import hashlib
-import math
 import json
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -77,7 +77,7 @@ class VerifiedToken:
 
 
 class TokenVerifier(Protocol):
-    async def verify(self, raw: str) -> VerifiedToken: ...
+    async def verify(self, raw: str, *, client_address: str | None = None) -> VerifiedToken: ...
 
 
 def token_hash(raw: str) -> str:
@@ -272,7 +272,7 @@ class JwtVerifier:
         self._algorithms = frozenset(profile.jwt.algorithms)
         self._typ = frozenset(t.lower() for t in profile.jwt.typ)
 
-    async def verify(self, raw: str) -> VerifiedToken:
+    async def verify(self, raw: str, *, client_address: str | None = None) -> VerifiedToken:
         digest, cached = cached_lookup(self._cache, raw)
         if cached is not None:
             return cached
@@ -351,7 +351,7 @@ class ProfileVerifier:
         self._jwt = jwt_verifier
         self._opaque = opaque_verifier
 
-    async def verify(self, raw: str) -> VerifiedToken:
+    async def verify(self, raw: str, *, client_address: str | None = None) -> VerifiedToken:
         if self._jwt is not None and raw.count(".") == 2:
             try:
                 return await self._jwt.verify(raw)
@@ -359,7 +359,7 @@ class ProfileVerifier:
                 if not (self._fallback and self._opaque is not None and exc.status == 401):
                     raise
         if self._opaque is not None:
-            return await self._opaque.verify(raw)
+            return await self._opaque.verify(raw, client_address=client_address)
         if self._jwt is not None:
             return await self._jwt.verify(raw)  # explains why the token is not a JWT
         raise TokenError("unsupported_token_kind", "this profile accepts no token kind")

@@ -100,6 +100,9 @@ class Caches(Strict):
     #: a token whose `kid` is unknown triggers at most one JWKS refetch per this many seconds
     jwks_refetch_interval: float = pydantic.Field(10.0, ge=0)
     jwks_max_age: float = pydantic.Field(3600.0, gt=0)
+    #: opaque tokens this gateway has not seen checked at the IdP, per client address per
+    #: minute (each random string would cost the IdP a call); more are refused 429
+    introspections_per_address_per_minute: int = pydantic.Field(60, ge=1)
 
 
 class Sessions(Strict):
@@ -212,6 +215,8 @@ class GatewayConfig(Strict):
     access_log: bool = True
     #: one JSON line per decision: "-" stdout, a file path (appended), "" off
     decision_log: str = "-"
+    #: a longer line drops the client's arguments from its input and says so
+    decision_log_max_line_bytes: int = pydantic.Field(16_384, ge=1_024)
 
     @pydantic.field_validator("public_url")
     @classmethod

@@ -34,12 +34,12 @@ from gateway.oauth.clients import Client, MetadataDocuments, OAuthError, Registr
 from gateway.oauth.signin import IdpError, IdpSignIn, IdpTokens, s256
 from gateway.oauth.store import (
     KeyValueStore,
-    RateLimiter,
     build_store,
     key_of,
     seal,
     unseal,
 )
+from gateway.state.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 

@@ -54,6 +54,22 @@ def _line(entry: dict[str, Any]) -> str:
         return json.dumps(entry, ensure_ascii=True, default=str) + "\n"
 
 
+def _outline(policy_input: dict[str, Any]) -> dict[str, Any]:
+    """The input without what the client sent in bulk: arguments, params, listing names."""
+    out = dict(policy_input)
+    mcp = policy_input.get("mcp")
+    if isinstance(mcp, dict):
+        out["mcp"] = {k: v for k, v in mcp.items() if k not in ("arguments", "params", "targets")}
+        if isinstance(mcp.get("targets"), list):
+            out["mcp"]["targets_count"] = len(mcp["targets"])
+        if isinstance(mcp.get("tool"), str) and len(mcp["tool"]) > 256:
+            out["mcp"]["tool"] = mcp["tool"][:256] + "…"
+    listing = policy_input.get("listing")
+    if isinstance(listing, dict):
+        out["listing"] = {"catalogue": listing.get("catalogue"), "names_count": len(listing.get("names") or [])}
+    return out
+
+
 def hashed_session(session_id: Any) -> Any:
     """A session id as the log may show it: a session id is a bearer of the session."""
     if not isinstance(session_id, str):
@@ -80,8 +96,12 @@ def _redacted(policy_input: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 class DecisionLog:
-    def __init__(self, target: str) -> None:
-        """`target`: "-" for stdout, a file path to append to, or "" to log nothing."""
+    def __init__(self, target: str, *, max_line_bytes: int = 16_384) -> None:
+        """`target`: "-" for stdout, a file path to append to, or "" to log nothing. A line
+        longer than `max_line_bytes` keeps the decision and the input's outline but not the
+        client's arguments, and says so (`input_truncated`): a refused 256 KiB request must
+        not cost 256 KiB of log."""
+        self._max = max_line_bytes
         self._stream: TextIO | None
         if target == "-":
             self._stream = sys.stdout
@@ -110,8 +130,13 @@ class DecisionLog:
             entry["metrics"] = {"timer_rego_query_eval_ns": record.eval_ns}
         if record.shadow_result is not None:
             entry["shadow_result"] = record.shadow_result
+        line = _line(entry)
+        if len(line) > self._max and isinstance(entry.get("input"), dict):
+            entry["input"] = _outline(entry["input"])
+            entry["input_truncated"] = {"bytes": len(line), "limit": self._max}
+            line = _line(entry)
         try:
-            self._stream.write(_line(entry))
+            self._stream.write(line)
         except (OSError, ValueError) as exc:  # a full disk must not take requests down
             logging.getLogger(__name__).error("decision log write failed: %s", exc)
 

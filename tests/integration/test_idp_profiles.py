@@ -263,3 +263,25 @@ def test_audience_rules_table(gateways, nextcloud_idp, nextcloud_upstream, rule_
         resp = post(gw.mcp_url, token, LIST)
         outcomes[shape] = OK if resp.status_code == 200 else reason(resp)
     assert outcomes == {shape: row[rule_index] for shape, row in EXPECTED.items()}
+
+
+def test_one_users_failing_exchange_does_not_block_another(keycloak_gateway, keycloak_idp, backend_upstream) -> None:
+    """Before: one user's IdP 5xx blocked every user's exchange for failure_ttl."""
+    keycloak_idp.exchange_mode("fail500")
+    try:
+        assert post(keycloak_gateway.mcp_url, keycloak_idp.token("ivan"), LIST).status_code == 502
+    finally:
+        keycloak_idp.exchange_mode("ok")
+    assert post(keycloak_gateway.mcp_url, keycloak_idp.token("judy"), LIST).status_code == 200
+
+
+def test_random_opaque_strings_are_rate_limited_per_address(gateways, nextcloud_idp, nextcloud_upstream) -> None:
+    """Before: each random bearer string cost one introspection call, without bound."""
+    gw = gateways.start(profile="nextcloud-oidc", upstream_url=nextcloud_upstream.url, env=nextcloud_env(nextcloud_idp),
+                        config={"caches": {"introspections_per_address_per_minute": 3}})
+    answers = [post(gw.mcp_url, f"random-string-{i}-" + "x" * 40, LIST) for i in range(6)]
+    # three were checked at the IdP (inactive), the rest refused unchecked with Retry-After
+    assert [a.status_code for a in answers] == [401, 401, 401, 429, 429, 429]
+    assert all(reason(a) == "token_inactive" for a in answers[:3]) and answers[3].headers["retry-after"]
+    again = post(gw.mcp_url, "random-string-0-" + "x" * 40, LIST)  # remembered as inactive: no call, no bucket
+    assert again.status_code == 401 and reason(again) == "token_inactive"

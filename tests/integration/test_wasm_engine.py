@@ -177,3 +177,22 @@ async def test_a_runaway_evaluation_is_interrupted_at_the_deadline(tmp_path: Pat
     assert exc.value.reason == "policy_timeout" and time.monotonic() - started < 2
     assert (await engine.decide({"n": 10})).reason == "10"  # the engine goes on
     await engine.aclose()
+
+
+async def test_multi_wildcard_patterns_are_decided_in_linear_time(tmp_path: Path) -> None:
+    """Before: `*_*_*_*_*_admin` or `files://*/*/*/*/*/*.md` against a 240-character name froze
+    the gateway for 20 s (regopy's backtracking glob). In WebAssembly OPA matches globs with
+    re2 (linear time): the decision comes well inside its fuel budget, never policy_timeout."""
+    data = tmp_path / "authz.yaml"
+    data.write_text(json.dumps({"authz": {"unlisted": "deny", "tools": {"*_*_*_*_*_admin": {"scopes": ["a"]}},
+                                          "resources": {"files://*/*/*/*/*/*.md": {"scopes": ["a"]}}}}))
+    engine = wasm_engine(data, timeout=0.5)
+    tool = "a_" * 63 + "xx"  # 128 characters, the longest tool name allowed
+    uri = "files://" + "a/" * 116 + "x"  # 240 characters, never ending in .md
+    for method, name, reason in (("tools/call", tool, "tool_not_listed"), ("resources/read", uri, "resource_not_listed")):
+        case = policy_input(token("mcp-client", scope="a"), profile(RULES["A_strict"]), tool="x")
+        catalogue = "tools" if method == "tools/call" else "resources"
+        case["mcp"] = {**case["mcp"], "method": method, "tool": name if catalogue == "tools" else None,
+                       "resource_uri": name if catalogue == "resources" else None, "targets": [{"catalogue": catalogue, "name": name}]}
+        assert (await engine.decide(case)).reason == reason
+    await engine.aclose()

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from gateway.mcp.jsonrpc import Refusal
 from gateway.mcp.answers import LISTINGS, guard_answer
+from gateway.mcp.jsonrpc import Refusal
 from gateway.mcp.sessions import (
     MemorySessionStore,
     Owner,

@@ -12,7 +12,8 @@ from gateway.oauth.clients import (
     redirect_matches,
 )
 from gateway.oauth.server import single_params, with_query
-from gateway.oauth.store import MemoryStore, RateLimiter, key_of, seal, unseal
+from gateway.oauth.store import MemoryStore, key_of, seal, unseal
+from gateway.state.ratelimit import RateLimiter
 
 
 @pytest.mark.parametrize("uri", [

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 from typing import Any
 
@@ -103,3 +104,32 @@ async def test_only_allowed_response_headers_are_relayed() -> None:
     finally:
         await client.aclose()
         server.stop()
+
+
+def test_an_echoed_token_is_masked_in_any_encoding() -> None:
+    """Redaction masked only the exact raw token; an IdP echoing it encoded leaked it."""
+    import base64
+    from urllib.parse import quote
+
+    from gateway.auth.exchange import _scrub
+
+    raw = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLXBhcnQ="
+    for echoed in (raw, quote(raw, safe=""), base64.b64encode(raw.encode()).decode(), raw.replace("/", "\\/")):
+        scrubbed = _scrub(f"invalid subject_token {echoed} for client")
+        assert "eyJ" not in scrubbed and "ZXlK" not in scrubbed and "invalid subject_token" in scrubbed
+
+
+def test_a_decision_log_line_is_capped_and_says_so(tmp_path: Any) -> None:
+    """The whole input (up to the body limit) was logged even for refusals."""
+    log = DecisionLog(str(tmp_path / "d.jsonl"), max_line_bytes=4_096)
+    record = DecisionRecord(path="p")
+    record.result = {"action": "reject", "reason": "argument_not_allowed: path"}
+    record.input = {"token": {"claims": {}, "subject": "alice"}, "mcp": {"method": "tools/call", "tool": "create_note",
+                    "arguments": {"blob": "x" * 200_000}, "params": {"name": "create_note"}}}
+    log.write(record, status=403)
+    log.close()
+    line = (tmp_path / "d.jsonl").read_text()
+    entry = json.loads(line)
+    assert len(line) < 4_096 and entry["input_truncated"]["bytes"] > 200_000
+    assert entry["result"]["reason"] == "argument_not_allowed: path" and entry["input"]["mcp"]["tool"] == "create_note"
+    assert "arguments" not in entry["input"]["mcp"]
