@@ -40,6 +40,7 @@ from gateway.policy.engines import (
     load_live_bundle,
     with_decision_cache,
 )
+from gateway.state.concurrency import IdentityLimits
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ class Gateway:
     oauth: AuthorizationServer | None = None
     #: request ids in flight per session (shared with a reloaded successor)
     inflight: InFlight = field(default_factory=InFlight)
+    #: requests and streams each identity holds now (shared with a reloaded successor)
+    identity_limits: IdentityLimits = field(default_factory=lambda: IdentityLimits(64, 16))
 
     def __post_init__(self) -> None:
         self.metrics.cache_sources = self._cache_counts
@@ -139,6 +142,8 @@ class Gateway:
             shadow=build_shadow_engine(settings),
             oauth=oauth,
             inflight=previous.inflight if previous else InFlight(),
+            identity_limits=previous.identity_limits if previous else IdentityLimits(
+                cfg.limits.max_requests_per_identity, cfg.limits.max_streams_per_identity),
         )
 
     @property

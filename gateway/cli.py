@@ -34,6 +34,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.serving import ServerLimits, uvicorn_options
 
     try:
         settings = load_config(resolve_config_path(args.config))
@@ -42,8 +43,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (ConfigError, PolicyError) as exc:
         return _fail(str(exc))
     cfg = settings.config
+    listen = cfg.listen
+    limits = ServerLimits(max_header_bytes=listen.max_header_bytes, max_headers=listen.max_headers, header_timeout=listen.header_timeout,
+                          body_timeout=listen.body_timeout, max_connections_per_address=listen.max_connections_per_address)
     uvicorn.run(
         app,
+        **uvicorn_options(limits),
         host=args.host or cfg.listen.host,
         port=args.port if args.port is not None else cfg.listen.port,
         log_level=cfg.log_level,

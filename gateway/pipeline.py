@@ -149,27 +149,43 @@ async def request_path(gw: Gateway, request: Request[Any, Any, Any], record: Dec
     except Refusal as exc:
         return refuse(record, exc.status, exc.reason, exc.message, request_id=mcp.id)
 
-    # 2c. One request per id per session at a time: an answer can only go to its own request.
-    release = None
+    # 2c. What one identity may hold at once (requests, streams): beyond it, 429 for them alone.
+    kind = "stream" if request.method == "GET" else "request"
+    slot = gw.identity_limits.acquire(owner, kind)
+    if slot is None:
+        refused = refuse(record, 429, f"too_many_{kind}s", f"too many {kind}s in progress for this user; retry later", request_id=mcp.id)
+        refused.headers["Retry-After"] = "1"
+        return refused
+    releases = [slot]
+
+    # 2d. One request per id per session at a time: an answer can only go to its own request.
     if mcp.session_id is not None and mcp.kind == "request":
-        release = gw.inflight.claim(mcp.session_id, mcp.id)
-        if release is None:
+        claim = gw.inflight.claim(mcp.session_id, mcp.id)
+        if claim is None:
+            slot()
             return refuse(record, 400, "request_id_in_use", "a request with this id is already in progress in this session",
                           request_id=mcp.id)
+        releases.append(claim)
+
+    def release() -> None:
+        for done in releases:
+            done()
+
     response: Response[Any] | None = None
     try:
         response = await _decide_and_forward(gw, request, record, headers, raw_token, token, mcp, owner, release)
         return response
     finally:
-        # a streamed answer releases its id when the stream ends; anything else, now
-        if release is not None and not isinstance(response, Stream):
+        # a streamed answer releases its claims when the stream ends; anything else, now
+        if not isinstance(response, Stream):
             release()
 
 
 async def _decide_and_forward(gw: Gateway, request: Request[Any, Any, Any], record: DecisionRecord, headers: dict[str, str],
                               raw_token: str, token: VerifiedToken, mcp: McpRequest, owner: Owner,
-                              release: Callable[[], None] | None) -> Response[Any]:
-    """Steps 3 to 6 of the request path; `release` (the request id's claim) goes with a streamed answer."""
+                              release: Callable[[], None]) -> Response[Any]:
+    """Steps 3 to 6 of the request path; `release` (the identity's slot, the request id's claim)
+    goes with a streamed answer."""
     cfg = gw.settings.config
 
     # 3. Ask the policy.
@@ -240,7 +256,7 @@ async def _decide_and_forward(gw: Gateway, request: Request[Any, Any, Any], reco
     except Refusal as exc:
         await answer.discard()
         return refusal(exc.status, exc.reason, exc.message, request_id=mcp.id)
-    if release is not None and answer.stream is not None:
+    if answer.stream is not None:
         answer = on_close(answer, release)
     return _relay(answer)
 

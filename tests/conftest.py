@@ -205,6 +205,7 @@ class GatewayFactory:
             "log_level": "info",
         }
         cfg.update(config or {})
+        cfg["listen"] = {"host": "127.0.0.1", **(config or {}).get("listen", {}), "port": port}  # limits may be given, never the port
         (d / "gateway.yaml").write_text(yaml.safe_dump(cfg))
         log_path = d / "gateway.log"
         proc = subprocess.Popen(

@@ -23,6 +23,13 @@ CONFIG_ENV = "GATEWAY_CONFIG"
 class Listen(Strict):
     host: str = "127.0.0.1"
     port: int = pydantic.Field(8080, ge=0, le=65535)
+    #: what an unauthenticated client can hold: the request head's size and header count,
+    #: seconds to send the head and the body, connections per client address
+    max_header_bytes: int = pydantic.Field(32_768, ge=1_024)
+    max_headers: int = pydantic.Field(100, ge=10)
+    header_timeout: float = pydantic.Field(10.0, gt=0)
+    body_timeout: float = pydantic.Field(30.0, gt=0)
+    max_connections_per_address: int = pydantic.Field(128, ge=1)
 
 
 class Upstream(Strict):
@@ -92,6 +99,10 @@ class Limits(Strict):
     #: before any engine sees it, so no request can make a decision expensive
     max_policy_input_bytes: int = pydantic.Field(65_536, ge=1_024)
     max_policy_input_elements: int = pydantic.Field(2_000, ge=50)
+    #: what one identity (issuer + subject, or client) may hold at once in this process:
+    #: requests in progress, and open streams (GET); beyond them, 429 with Retry-After
+    max_requests_per_identity: int = pydantic.Field(64, ge=1)
+    max_streams_per_identity: int = pydantic.Field(16, ge=1)
 
 
 class Caches(Strict):

@@ -22,6 +22,7 @@ from gateway.config.settings import GatewayConfig, Settings
 from gateway.dev.issuer import DevIssuer
 from gateway.dev.notes_server import build_notes_server
 from gateway.oauth.server import CALLBACK_PATH
+from gateway.serving import ServerLimits, uvicorn_options
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -30,8 +31,8 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _server(app: object, host: str, port: int) -> uvicorn.Server:
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", server_header=False, lifespan="on")
+def _server(app: object, host: str, port: int, **options: object) -> uvicorn.Server:
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", server_header=False, lifespan="on", **options)
     return uvicorn.Server(config)
 
 
@@ -57,7 +58,7 @@ def run_dev(*, host: str = "127.0.0.1", port: int = 8080, user: str = "alice") -
     servers = [
         _server(issuer.app(default_audience=config.resource), host, issuer_port),
         _server(upstream_app, host, upstream_port),
-        _server(create_app(settings), host, port),
+        _server(create_app(settings), host, port, **uvicorn_options(ServerLimits())),  # served as `serve` serves
     ]
     reader = issuer.mint(sub="bob", scope="notes.read", aud=config.resource)
     writer = issuer.mint(sub="alice", scope="notes.read notes.write", aud=config.resource)

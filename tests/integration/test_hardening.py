@@ -194,3 +194,86 @@ def test_opa_without_the_configured_data_refuses_and_is_not_ready(gateways: Any,
         assert httpx.get(gw.base + "/readyz").status_code == 200
     finally:
         with_data.stop()
+
+
+@pytest.fixture(scope="module")
+def limited_gateway(gateways: Any, issuer: Any, json_upstream: Any) -> Any:
+    listen = {"max_header_bytes": 8_192, "max_headers": 30, "header_timeout": 1.0, "body_timeout": 1.0, "max_connections_per_address": 8}
+    return gateways.start(profile=make_profile(issuer, scopes_supported=[]), upstream_url=json_upstream.url,
+                          config={"listen": listen}, replica="limited")
+
+
+async def _raw(gateway: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", gateway.port)
+
+
+async def _answer(reader: asyncio.StreamReader, within: float = 5.0) -> bytes:
+    """What the server sends before it closes the connection (b"" if it just closes)."""
+    async with asyncio.timeout(within):
+        try:
+            return await reader.read()
+        except ConnectionResetError:  # closed while our request was in flight: refused
+            return b""
+
+
+async def test_oversized_or_overlong_request_heads_are_refused(limited_gateway: Any) -> None:
+    """Before: 4 x 50 MB of unfinished headers cost 200 MB; there was no limit on size or count."""
+    reader, writer = await _raw(limited_gateway)
+    writer.write(b"POST /mcp HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000)
+    assert (await _answer(reader)).startswith(b"HTTP/1.1 431")
+    reader, writer = await _raw(limited_gateway)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(40)) + b"\r\n")
+    assert (await _answer(reader)).startswith(b"HTTP/1.1 400")
+
+
+async def test_slow_heads_and_bodies_are_cut_at_their_deadline(limited_gateway: Any) -> None:
+    """Before: one byte a second kept a connection 40 s and more."""
+    reader, writer = await _raw(limited_gateway)
+    started = asyncio.get_running_loop().time()
+    writer.write(b"POST /mcp HTTP/1.1\r\nHo")  # and then nothing
+    assert (await _answer(reader)).startswith(b"HTTP/1.1 408")
+    assert asyncio.get_running_loop().time() - started < 4
+    reader, writer = await _raw(limited_gateway)
+    writer.write(b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"js")
+    started = asyncio.get_running_loop().time()
+    await _answer(reader)  # whatever the gateway says, the connection ends
+    assert asyncio.get_running_loop().time() - started < 4
+
+
+async def test_connections_per_address_are_capped(limited_gateway: Any) -> None:
+    held = [await _raw(limited_gateway) for _ in range(8)]
+    for _, writer in held:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    reader, writer = await _raw(limited_gateway)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert await _answer(reader) == b""  # refused: closed without an answer
+    for _, w in held:
+        w.close()
+    await asyncio.sleep(0.3)
+    async with httpx.AsyncClient() as http:  # once they are gone, the address may connect again
+        assert (await http.get(limited_gateway.base + "/healthz")).status_code == 200
+
+
+async def test_one_user_cannot_starve_everyone(gateways: Any, issuer: Any, json_upstream: Any) -> None:
+    """Before: 100 long-lived requests from one user took the whole upstream pool; every other
+    user got 504. Now each identity has its own limit, answered 429 with Retry-After."""
+    gw = gateways.start(profile=make_profile(issuer, scopes_supported=[]), upstream_url=json_upstream.url,
+                        config={"limits": {"max_requests_per_identity": 2, "max_streams_per_identity": 2}}, replica="per-identity")
+    alice = issuer.mint(aud=gw.resource, sub="alice-starver", scope="notes.read")
+    bob = issuer.mint(aud=gw.resource, sub="bob-victim", scope="notes.read")
+
+    def hold(key: str) -> dict[str, Any]:
+        return {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "wait_for_release", "arguments": {"key": key}}}
+
+    async with httpx.AsyncClient(timeout=30) as http:
+        held = [asyncio.create_task(http.post(gw.mcp_url, json=hold(f"starve-{i}"), headers=headers(alice))) for i in range(2)]
+        await asyncio.sleep(1.0)
+        third = await http.post(gw.mcp_url, json=hold("starve-2"), headers=headers(alice))
+        assert third.status_code == 429 and third.json()["error"]["data"]["reason"] == "too_many_requests"
+        assert third.headers["retry-after"]
+        listing = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
+        assert (await http.post(gw.mcp_url, json=listing, headers=headers(bob))).status_code == 200  # bob is not affected
+        for i in range(3):
+            (json_upstream.record_dir / f"release-starve-{i}").write_text("go")
+        assert [r.status_code for r in await asyncio.gather(*held)] == [200, 200]
+        assert (await http.post(gw.mcp_url, json=listing, headers=headers(alice))).status_code == 200  # her slots came back

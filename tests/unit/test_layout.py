@@ -25,6 +25,7 @@ LAYERS = [
     "gateway.assembly",
     "gateway.pipeline",
     "gateway.app",
+    "gateway.serving",
     "gateway.explain",
     "gateway.dev",
     "gateway.cli",
