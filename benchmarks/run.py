@@ -138,11 +138,30 @@ def summarize(run: Run) -> dict[str, Any]:
     }
 
 
-async def measure(url: str, token: str | None, concurrency: int, seconds: float) -> dict[str, Any]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process (all its threads), from /proc."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def varying_call() -> Any:
+    """A new argument value per call: a workload no decision cache can serve."""
+    counter = iter(range(10**12))
+    return lambda: json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                               "params": {"name": "list_notes", "arguments": {"n": next(counter)}}}).encode()
+
+
+async def measure(url: str, token: str | None, concurrency: int, seconds: float, *, pid: int | None = None, body: Any = CALL) -> dict[str, Any]:
+    """One closed-loop run; with `pid`, that process's CPU per answered request too."""
     headers = dict(HEADERS)
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    return summarize(await load(url, CALL, headers, concurrency=concurrency, seconds=seconds))
+    before = cpu_seconds(pid) if pid else 0.0
+    run = await load(url, body, headers, concurrency=concurrency, seconds=seconds)
+    out = summarize(run)
+    if pid and run.completed:
+        out["cpu_us_per_request"] = (cpu_seconds(pid) - before) / run.completed * 1e6
+    return out
 
 
 def rss_mib(pid: int) -> float:
@@ -150,35 +169,50 @@ def rss_mib(pid: int) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
-def decision_micro(samples: int = 3000) -> dict[str, float]:
-    """The embedded engine alone on a tools/call input: uncached, and through the cache."""
+def decision_micro(samples: int = 3000) -> dict[str, Any]:
+    """The engines alone, uncached: a tools/call and a 12-name listing with the notes rules
+    (WebAssembly and regopy), an input-size sweep (WebAssembly), and the decision cache."""
     from gateway.policy.bundle import load_bundle
     from gateway.policy.cache import CacheDeclaration, CachingEngine
     from gateway.policy.embedded import EmbeddedEngine
+    from gateway.policy.wasm import WasmEngine, WasmPolicy
+    from gateway.policy.wasmbuild import wasm_for
     from tests.unit.test_policy import RULES, policy_input, profile, token
 
-    engine = EmbeddedEngine(load_bundle(ROOT / "policies", (ROOT / "examples" / "notes-authz.yaml",)), "mcp/gateway/decision")
-    cached = CachingEngine(engine, CacheDeclaration.from_value(engine.value_of("data.mcp.gateway.decision_cache")), 1000)
-    case = policy_input(token("mcp-client", scope="notes.read notes.write"), profile(RULES["A_strict"]), tool="create_note")
-    case["mcp"]["arguments"] = {"title": "t", "path": "/users/alice/x"}
+    entry = "mcp/gateway/decision"
+    bundle = load_bundle(ROOT / "policies", (ROOT / "examples" / "notes-authz.yaml",))
+    wasm = WasmEngine(WasmPolicy(wasm_for(bundle, entry)[0], bundle.data, entry), entry)
+    regopy = EmbeddedEngine(bundle, entry)
+    cached = CachingEngine(wasm, CacheDeclaration.from_value(regopy.value_of("data.mcp.gateway.decision_cache")), 1000)
+    call = policy_input(token("mcp-client", scope="notes.read notes.write"), profile(RULES["A_strict"]), tool="create_note")
+    call["mcp"]["arguments"] = {"title": "t", "path": "/users/alice/x"}
+    listing = {**call, "mcp": {**call["mcp"], "method": "tools/list", "tool": None, "arguments": None, "targets": []},
+               "listing": {"catalogue": "tools", "names": [f"tool_{i}" for i in range(10)] + ["list_notes", "create_note"]}}
 
-    async def timed(decide: Any) -> list[float]:
+    async def timed(decide: Any, case: dict[str, Any], n: int = samples) -> list[float]:
         out = []
-        for i in range(samples):
+        for i in range(n):
             case["mcp"]["id"] = i  # ignored by the cache key, as the policy declares
             t = time.perf_counter_ns()
             await decide(case)
             out.append((time.perf_counter_ns() - t) / 1000)
         return out
 
-    uncached = asyncio.run(timed(engine.decide))
-    hits = asyncio.run(timed(cached.decide))
-    return {
-        "uncached_p50_us": statistics.median(uncached),
-        "uncached_p99_us": sorted(uncached)[int(0.99 * len(uncached))],
-        "cached_p50_us": statistics.median(hits),
-        "cached_p99_us": sorted(hits)[int(0.99 * len(hits))],
-    }
+    def p(values: list[float], q: float) -> float:
+        return sorted(values)[min(len(values) - 1, int(q * len(values)))]
+
+    out: dict[str, Any] = {}
+    for name, engine in (("wasm", wasm), ("regopy", regopy)):
+        call_t, list_t = asyncio.run(timed(engine.decide, call)), asyncio.run(timed(engine.decide, listing))
+        out[name] = {"call_p50_us": p(call_t, .5), "call_p99_us": p(call_t, .99), "listing_p50_us": p(list_t, .5), "listing_p99_us": p(list_t, .99)}
+    hits = asyncio.run(timed(cached.decide, call))
+    out["cached_p50_us"] = p(hits, .5)
+    sweep = []
+    for size in (10, 100, 1000):  # argument values; the budget allows 2,000
+        case = {**call, "mcp": {**call["mcp"], "arguments": {"title": "t", "path": "/users/alice/x", "tags": [f"t{i}" for i in range(size)]}}}
+        sweep.append({"values": size, "p50_us": p(asyncio.run(timed(wasm.decide, case, 500)), .5), "offloaded": size > 300})
+    out["sweep"] = sweep
+    return out
 
 
 def profile_gateway(gw: Gateway, seconds: int, name: str) -> dict[str, Any]:
@@ -239,8 +273,24 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         if c:
             add(f"throughput vs direct at c=16, {mode}", c["throughput_ratio"] * 100, 60, c["throughput_ratio"] >= 0.6, "%")
     d = results["decision"]
-    add("embedded decision p50, uncached", d["uncached_p50_us"], 300, d["uncached_p50_us"] <= 300, "µs")
-    add("embedded decision p50, cached (far less than uncached)", d["cached_p50_us"], d["uncached_p50_us"] / 5, d["cached_p50_us"] <= d["uncached_p50_us"] / 5, "µs")
+    add("uncached decision p50, tools/call with the notes rules (WebAssembly)", d["wasm"]["call_p50_us"], 150, d["wasm"]["call_p50_us"] <= 150, "µs")
+    add("uncached decision p50, 12-name listing (WebAssembly)", d["wasm"]["listing_p50_us"], 150, d["wasm"]["listing_p50_us"] <= 150, "µs")
+    small, large = d["sweep"][0], d["sweep"][-1]
+    ratio = large["p50_us"] / small["p50_us"]
+    add("decision cost linear in the input (100x values ≤ 100x time)", ratio, 100, ratio <= 100, "x")
+    for conc in (1, 16):
+        cached = cells.get(f"passthrough/fast/c{conc}", {}).get("gateway", {}).get("cpu_us_per_request")
+        if cached is not None:
+            add(f"CPU per forwarded request, cached decision, c={conc}", cached, 150, cached <= 150, "µs")
+        uncached = results.get("uncached", {}).get(f"c{conc}", {}).get("cpu_us_per_request")
+        if uncached is not None:
+            add(f"CPU per forwarded request, new argument every call, c={conc}", uncached, 300, uncached <= 300, "µs")
+    c = cells.get("passthrough/fast/c1")
+    if c:
+        add("added latency p50 at c=1 vs a bare upstream (target 0.3 ms)", c["added_p50_ms"], 0.3, c["added_p50_ms"] <= 0.3, "ms")
+    c = cells.get("passthrough/sdk/c16")
+    if c:
+        add("throughput vs the SDK MCPServer direct at c=16", c["throughput_ratio"] * 100, 80, c["throughput_ratio"] >= 0.8, "%")
     errors = sum(c["gateway"]["errors"] + c["direct"]["errors"] for c in cells.values())
     add("errors in every run", errors, 0, errors == 0, "requests")
     m = results.get("memory")
@@ -269,8 +319,16 @@ def write_outputs(results: dict[str, Any]) -> None:
             f"{c['added_p50_ms']:.2f} / {c['added_p99_ms']:.2f} | {d['rps']:.0f} | {g['rps']:.0f} | {c['throughput_ratio']:.0%} | {d['errors'] + g['errors']} |"
         )
     dm = results["decision"]
-    lines += ["", "## Embedded decision", "", f"uncached p50 {dm['uncached_p50_us']:.0f} µs (p99 {dm['uncached_p99_us']:.0f}); "
-              f"cached p50 {dm['cached_p50_us']:.1f} µs (p99 {dm['cached_p99_us']:.1f})", ""]
+    lines += ["", "CPU per forwarded request (the gateway process, all threads, from /proc), cached decision:"]
+    lines += [f"- {k}: {c['gateway'].get('cpu_us_per_request', 0):.0f} µs" for k, c in results["cells"].items()]
+    lines += ["", "With a new argument value on every call (no decision cache can serve it), pass-through, fast upstream:"]
+    lines += [f"- {k}: p50 {u['p50_ms']:.2f} ms, {u['rps']:.0f} rps, CPU {u.get('cpu_us_per_request', 0):.0f} µs/request"
+              for k, u in results.get("uncached", {}).items()]
+    lines += ["", "## Decisions (engines alone, uncached, notes rules)", "", "| engine | tools/call p50 / p99 (µs) | 12-name listing p50 / p99 (µs) |", "|---|---|---|"]
+    lines += [f"| {name} | {dm[name]['call_p50_us']:.0f} / {dm[name]['call_p99_us']:.0f} | {dm[name]['listing_p50_us']:.0f} / {dm[name]['listing_p99_us']:.0f} |"
+              for name in ("wasm", "regopy")]
+    lines += ["", f"Decision cache hit p50: {dm['cached_p50_us']:.1f} µs. Input-size sweep (WebAssembly; above 4 KiB of input the "
+              "evaluation runs in the thread pool): " + ", ".join(f"{s['values']} values {s['p50_us']:.0f} µs" for s in dm["sweep"]), ""]
     if results.get("memory"):
         m = results["memory"]
         lines += ["## Memory", "", f"RSS {m['start_mib']:.1f} MiB → {m['end_mib']:.1f} MiB over {m['seconds']} s at c=16 "
@@ -331,6 +389,7 @@ def main() -> int:
         "when": time.strftime("%Y-%m-%d %H:%M"),
         "seconds": args.seconds,
         "cells": {},
+        "uncached": {},
     }
     with ExitStack() as stack:
         stack.callback(procs.stop)
@@ -395,7 +454,7 @@ def main() -> int:
             mode, upstream = key.split("/")
             for conc in (1, 16):
                 direct = asyncio.run(measure(direct_url[upstream], gw.token, conc, args.seconds))
-                through = asyncio.run(measure(gw.url, gw.token, conc, args.seconds))
+                through = asyncio.run(measure(gw.url, gw.token, conc, args.seconds, pid=gw.proc.pid))
                 cell = {
                     "direct": direct,
                     "gateway": through,
@@ -406,10 +465,19 @@ def main() -> int:
                 results["cells"][f"{key}/c{conc}"] = cell
                 print(f"{key:18} c={conc:<2}  direct p50 {direct['p50_ms']:.2f} ms {direct['rps']:7.0f} rps | gateway p50 {through['p50_ms']:.2f} ms "
                       f"p99 {through['p99_ms']:.2f} ms {through['rps']:7.0f} rps | added p50 {cell['added_p50_ms']:+.2f} ms | ratio {cell['throughput_ratio']:.0%}"
-                      f" | errors {direct['errors'] + through['errors']}", flush=True)
+                      f" | CPU {through.get('cpu_us_per_request', 0):.0f} µs/req | errors {direct['errors'] + through['errors']}", flush=True)
+            if upstream == "fast" and mode == "passthrough":  # the same, with a new argument value per call (cache defeated)
+                for conc in (1, 16):
+                    through = asyncio.run(measure(gw.url, gw.token, conc, args.seconds, pid=gw.proc.pid, body=varying_call()))
+                    results["uncached"][f"c{conc}"] = through
+                    print(f"{key + ' uncached':18} c={conc:<2}  gateway p50 {through['p50_ms']:.2f} ms {through['rps']:7.0f} rps | "
+                          f"CPU {through.get('cpu_us_per_request', 0):.0f} µs/req | errors {through['errors']}", flush=True)
 
         results["decision"] = decision_micro()
-        print(f"embedded decision: uncached p50 {results['decision']['uncached_p50_us']:.0f} µs, cached p50 {results['decision']['cached_p50_us']:.1f} µs", flush=True)
+        d = results["decision"]
+        print(f"decisions: wasm call {d['wasm']['call_p50_us']:.0f} µs, listing {d['wasm']['listing_p50_us']:.0f} µs; regopy call "
+              f"{d['regopy']['call_p50_us']:.0f} µs, listing {d['regopy']['listing_p50_us']:.0f} µs; cached {d['cached_p50_us']:.1f} µs; sweep "
+              + ", ".join(f"{s['values']}:{s['p50_us']:.0f}" for s in d["sweep"]), flush=True)
 
         if args.profile_seconds:
             results["profile"] = profile_gateway(gateways["passthrough/fast"], args.profile_seconds, args.profile_name)

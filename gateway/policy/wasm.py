@@ -76,7 +76,7 @@ def _fast_i32_call(func: wasmtime.Func, store: wasmtime.Store) -> Any:
 
 
 #: an inline evaluation's budget, in seconds of this machine's WebAssembly speed
-INLINE_SECONDS = 0.002
+INLINE_SECONDS = 0.001
 _PAGE = 65_536
 
 
