@@ -31,7 +31,7 @@ INSPECTOR = CLIENTS / "node_modules" / "@modelcontextprotocol" / "inspector" / "
 @pytest.fixture(scope="session")
 def inspector() -> tuple[Path, Path]:
     if not INSPECTOR.exists():  # scripts/test.sh installs it; this covers a bare pytest run
-        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=CLIENTS, check=True, capture_output=True)
+        subprocess.run(["npm", "install", "--no-audit", "--no-fund"], cwd=CLIENTS, check=True, capture_output=True)
     return NODE22, INSPECTOR
 
 

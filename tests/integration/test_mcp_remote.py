@@ -34,7 +34,7 @@ MCP_REMOTE = CLIENTS / "node_modules" / "mcp-remote" / "dist" / "proxy.js"
 @pytest.fixture(scope="session")
 def mcp_remote() -> Path:
     if not MCP_REMOTE.exists():  # scripts/test.sh installs it; this covers a bare pytest run
-        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=CLIENTS, check=True, capture_output=True)
+        subprocess.run(["npm", "install", "--no-audit", "--no-fund"], cwd=CLIENTS, check=True, capture_output=True)
     return MCP_REMOTE
 
 
