@@ -84,11 +84,12 @@ def guarded_protocol(limits: ServerLimits) -> type[HttpToolsProtocol]:
                 return
             if self._in_head:
                 self._head_bytes += len(data)
-                if self._head_bytes > limits.max_header_bytes:
-                    log.warning("request head from %s larger than %d bytes; refused", self._address, limits.max_header_bytes)
-                    self._refuse(431, b"Request Header Fields Too Large")
-                    return
+            # fed first: one read may hold the end of the head and the start of the body, and
+            # only a head still unfinished after it counts (one read is at most a few 100 KiB)
             super().data_received(data)  # too many headers: the parser's callback error, a 400
+            if self._in_head and self._head_bytes > limits.max_header_bytes and not self.transport.is_closing():
+                log.warning("request head from %s larger than %d bytes; refused", self._address, limits.max_header_bytes)
+                self._refuse(431, b"Request Header Fields Too Large")
 
         def on_message_begin(self) -> None:
             super().on_message_begin()

@@ -277,3 +277,17 @@ async def test_one_user_cannot_starve_everyone(gateways: Any, issuer: Any, json_
             (json_upstream.record_dir / f"release-starve-{i}").write_text("go")
         assert [r.status_code for r in await asyncio.gather(*held)] == [200, 200]
         assert (await http.post(gw.mcp_url, json=listing, headers=headers(alice))).status_code == 200  # her slots came back
+
+
+async def test_a_large_body_in_one_read_is_not_taken_for_a_large_head(limited_gateway: Any, issuer: Any) -> None:
+    """The head limit counts the head only, even when one read holds the head and much body."""
+    token = issuer.mint(aud=limited_gateway.resource, scope="notes.read")
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                       "params": {"name": "list_notes", "arguments": {"pad": "x" * 60_000}}}).encode()
+    reader, writer = await _raw(limited_gateway)
+    head = (b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\n"
+            b"Authorization: Bearer " + token.encode() + b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
+    writer.write(head + body)  # one write: the server reads head and body together
+    answer = await _answer(reader, within=10)
+    assert not answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    assert answer.startswith(b"HTTP/1.1 ")
