@@ -243,8 +243,8 @@ def profile_gateway(gw: Gateway, seconds: int, name: str) -> dict[str, Any]:
     out["top_self"] = [{"function": f, "share": round(c / total, 3)} for f, c in own.most_common(12)]
     out["top_inclusive"] = [
         {"function": f, "share": round(c / total, 3)} for f, c in inclusive.most_common(80)
-        if any(m in f for m in ("(app.py)", "(tokens.py)", "(embedded.py)", "(cache.py)", "(upstream.py)", "(audit.py)", "(messages.py)",
-                                "(metrics.py)", "(__init__.py)", "(_client.py)", "(routes", "(response", "(sessions.py)", "(listings.py)"))
+        if any(m in f for m in ("(pipeline.py)", "(app.py)", "(tokens.py)", "(wasm.py)", "(embedded.py)", "(cache.py)", "(upstream.py)", "(audit.py)", "(messages.py)",
+                                "(metrics.py)", "(__init__.py)", "(_client.py)", "(routes", "(response", "(sessions.py)", "(answers.py)"))
     ][:20]
     raw.unlink(missing_ok=True)
     return out
