@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -150,6 +151,12 @@ class Gateway:
     def scopes_supported(self) -> tuple[str, ...]:
         """RFC 9728 `scopes_supported`: the profile's, then every scope the policy data names."""
         return advertised_scopes(self.profile, self.scopes)
+
+    @property
+    def own_origin(self) -> str:
+        """The gateway's own origin (scheme://host[:port] of public_url): always allowed."""
+        parts = urlsplit(self.settings.config.public_url)
+        return f"{parts.scheme}://{parts.netloc}"
 
     @property
     def engine_report(self) -> dict[str, str]:

@@ -58,13 +58,14 @@ def refusal(
 
 
 def _headers(request: Request[Any, Any, Any]) -> dict[str, str]:
-    """Lower-case header names, first value; a repeated Authorization header is refused."""
+    """Lower-case header names, first value without optional whitespace (RFC 9110 §5.5: httptools
+    keeps it, h11 strips it); a repeated Authorization header is refused."""
     out: dict[str, str] = {}
     for name, value in request.scope["headers"]:
         key = name.decode("latin-1").lower()
         if key == "authorization" and key in out:
             raise TokenError("malformed_authorization", "more than one Authorization header")
-        out.setdefault(key, value.decode("latin-1"))
+        out.setdefault(key, value.decode("latin-1").strip(" \t"))
     return out
 
 
@@ -105,7 +106,7 @@ async def request_path(gw: Gateway, request: Request[Any, Any, Any], record: Dec
     except TokenError as exc:
         return _token_refusal(gw, record, exc)
     origin = headers.get("origin")
-    if origin is not None and origin not in cfg.allowed_origins:
+    if origin is not None and origin != gw.own_origin and origin not in cfg.allowed_origins:
         return refuse(record, 403, "origin_not_allowed", "requests from this Origin are not allowed")
 
     # 1. Verify the bearer token: the policy only ever sees verified claims.

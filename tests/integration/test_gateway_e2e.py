@@ -249,3 +249,30 @@ def test_tokens_never_logged(gateways, issuer, json_upstream) -> None:
     log = gateway.log()
     assert "sub='log-check'" in log  # the decision was logged ...
     assert token.split(".")[2][:20] not in log  # ... the token was not
+
+
+def test_the_gateways_own_origin_is_always_allowed(gateways, issuer, json_upstream) -> None:
+    """MCP conformance (dns-rebinding-protection): a request from the gateway's own origin is
+    served even when allowed_origins does not list it; foreign origins are still refused."""
+    gw = gateways.start(profile=make_profile(issuer), upstream_url=json_upstream.url, config={"allowed_origins": []}, replica="own-origin")
+    token = issuer.mint(aud=gw.resource)
+    assert post(gw.mcp_url, token, LIST, Origin=gw.base).status_code == 200
+    assert post(gw.mcp_url, token, LIST, Origin="http://127.0.0.1:1").status_code == 403
+    assert post(gw.mcp_url, token, LIST, Origin=gw.base + ".evil.example").status_code == 403
+
+
+async def test_header_values_lose_their_optional_whitespace(gateways, issuer, json_upstream) -> None:
+    """MCP conformance (http-header-validation): `Mcp-Method:  tools/list ` is tools/list (RFC 9110
+    §5.5); uvicorn's httptools parser keeps the whitespace, so the gateway strips it."""
+    import asyncio
+
+    gw = gateways.start(profile=make_profile(issuer), upstream_url=json_upstream.url)
+    token = issuer.mint(aud=gw.resource)
+    body = json.dumps(LIST).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\n"
+                 b"Authorization: Bearer " + token.encode() + b"\r\nMcp-Method:  tools/list \t\r\nMcp-Protocol-Version: 2025-11-25\r\n"
+                 b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+    answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
