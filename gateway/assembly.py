@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 from urllib.parse import urlsplit
 
 import httpx
@@ -152,7 +153,7 @@ class Gateway:
         """RFC 9728 `scopes_supported`: the profile's, then every scope the policy data names."""
         return advertised_scopes(self.profile, self.scopes)
 
-    @property
+    @cached_property
     def own_origin(self) -> str:
         """The gateway's own origin (scheme://host[:port] of public_url): always allowed."""
         parts = urlsplit(self.settings.config.public_url)

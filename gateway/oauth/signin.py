@@ -67,7 +67,6 @@ class IdpTokens:
 class IdpSignIn:
     def __init__(self, profile: Profile, client: ClientAuth, issuer: IssuerMetadata, http: httpx.AsyncClient,
                  *, callback_url: str, resource: str, timeout: float) -> None:
-        self._profile = profile
         self._client = client
         self._issuer = issuer
         self._http = http

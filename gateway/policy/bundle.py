@@ -54,9 +54,10 @@ def _read_data(path: Path, rel: str) -> Any:
     return load_yaml(path)
 
 
-def merge_data_files(files: tuple[Path, ...]) -> dict[str, Any]:
-    """Data files merged at the data root, as `opa run BUNDLE FILE...` merges them."""
-    data: dict[str, Any] = {}
+def merge_data_files(files: tuple[Path, ...], into: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Data files merged at the data root (of `into`, or of a new dict), as `opa run BUNDLE
+    FILE...` merges them; a key defined twice is a ConfigError naming the file."""
+    data: dict[str, Any] = {} if into is None else into
     for path in files:
         value = _read_data(path, str(path))
         _merge(data, (), value if value is not None else {}, str(path))
@@ -79,9 +80,7 @@ def load_bundle(root: Path, extra_data: tuple[Path, ...] = ()) -> Bundle:
         elif path.suffix in DATA_SUFFIXES:
             value = _read_data(path, str(rel))
             _merge(data, rel.parent.parts, value if value is not None else {}, str(rel))
-    for path in extra_data:
-        value = _read_data(path, str(path))
-        _merge(data, (), value if value is not None else {}, str(path))
+    merge_data_files(extra_data, into=data)
     if not any(not k.endswith("_test.rego") for k in modules):
         raise ConfigError(f"policy bundle {root} has no .rego policy module")
     return Bundle(root=root, modules=modules, data=data)

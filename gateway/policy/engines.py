@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 from gateway.config.settings import Settings
-from gateway.policy.bundle import Bundle, load_bundle
+from gateway.policy.bundle import Bundle, load_bundle, merge_data_files
 from gateway.policy.cache import CacheDeclaration, CachingEngine
 from gateway.policy.decision import PolicyEngine, PolicyError
 from gateway.policy.embedded import EmbeddedEngine
@@ -28,7 +28,7 @@ def build_engine(settings: Settings, bundle: Bundle | None = None) -> PolicyEngi
         return build_local_engine(settings, bundle or load_live_bundle(settings))
     if policy.engine == "opa":
         assert policy.opa_url is not None  # the config model requires it
-        expected = load_bundle_data(settings.data_files) if settings.data_files else None
+        expected = merge_data_files(settings.data_files) if settings.data_files else None
         return OpaEngine(policy.opa_url, policy.entrypoint, timeout=policy.timeout, expected_data=expected)
     raise PolicyError(f"policy.engine {policy.engine!r} is not known")
 
@@ -72,13 +72,6 @@ def with_decision_cache(engine: PolicyEngine, settings: Settings, bundle: Bundle
     if policy.decision_cache.enabled == "auto" and not declaration.pure:
         return engine
     return CachingEngine(engine, declaration, policy.decision_cache.size)
-
-
-def load_bundle_data(files: tuple) -> dict:
-    """The data `policy.data` files give, merged as the bundle loader merges them."""
-    from gateway.policy.bundle import merge_data_files
-
-    return merge_data_files(files)
 
 
 def load_live_bundle(settings: Settings) -> Bundle:

@@ -108,7 +108,6 @@ class WasmPolicy:
         if entrypoint not in entrypoints:
             raise PolicyError(f"the compiled policy has no entrypoint {entrypoint} (it has: {', '.join(entrypoints)})")
         self.entrypoint_id = entrypoints[entrypoint]
-        self.probe = probe
 
 
 class WasmInstance:
@@ -213,7 +212,6 @@ class WasmEngine:
         self._inline_fuel = max(1, int(rate * INLINE_SECONDS))
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="opa-wasm")
-        self.evaluations = self.offloaded = 0
 
     @staticmethod
     def _fuel_per_second(instance: WasmInstance) -> float:
@@ -244,7 +242,6 @@ class WasmEngine:
             raise
 
     async def evaluate_json(self, input_json: bytes) -> Any:
-        self.evaluations += 1
         if len(input_json) <= self._inline_max:
             try:
                 return self._inline.evaluate(input_json, self._inline_fuel)
@@ -254,7 +251,6 @@ class WasmEngine:
             except PolicyError:
                 self._inline = WasmInstance(self.policy)
                 raise
-        self.offloaded += 1
         future = asyncio.get_running_loop().run_in_executor(self._pool, self._in_thread, input_json)
         try:
             return await asyncio.wait_for(future, self._timeout * 2)  # fuel bounds the CPU; this, a full queue
@@ -284,14 +280,3 @@ def encode_input(policy_input: dict[str, Any]) -> bytes:
         return orjson.dumps(policy_input)
     except (TypeError, orjson.JSONEncodeError) as exc:
         raise PolicyError(f"the policy input cannot be encoded as JSON: {exc}", reason="policy_input_invalid") from None
-
-
-def timed_evaluations(engine: WasmEngine, policy_input: dict[str, Any], n: int) -> list[float]:
-    """Seconds per inline evaluation of `policy_input`, n times (benchmarks)."""
-    raw = encode_input(policy_input)
-    out = []
-    for _ in range(n):
-        started = time.perf_counter()
-        engine._inline.evaluate(raw, engine._fuel)
-        out.append(time.perf_counter() - started)
-    return out
