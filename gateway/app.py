@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from litestar import Litestar, Request, Response, get, route
+from litestar import Litestar, Request, Response, asgi, get
 
 from gateway.assembly import Gateway
 from gateway.auth.metadata import WELL_KNOWN, metadata_document, metadata_path
@@ -21,7 +21,8 @@ from gateway.config.settings import Settings
 from gateway.oauth.routes import oauth_routes
 from gateway.ops.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.ops.reload import Reloader
-from gateway.pipeline import handle_mcp, refusal
+from gateway.mcp import jsonrpc
+from gateway.pipeline import mcp_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,8 @@ def create_app(settings: Settings) -> Litestar:
     def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
         return Response(request.app.state.gateway.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
-    mcp_route = route(cfg.mcp_path, http_method=["POST", "GET", "DELETE"], request_max_body_size=None)(handle_mcp)
+    # a raw ASGI route: the request path reads the scope itself (see gateway.pipeline)
+    mcp_route = asgi(cfg.mcp_path, is_mount=False, copy_scope=False)(mcp_endpoint(lambda scope: scope["app"].state.gateway))
 
     handlers = [healthz, readyz, metrics, protected_resource_metadata, mcp_route]
     if cfg.authorization_server.mode == "proxy":
@@ -92,9 +94,13 @@ def create_app(settings: Settings) -> Litestar:
 
 
 def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    """Errors outside the MCP endpoint (which answers its own) get a JSON-RPC body too."""
     from litestar.exceptions import HTTPException
 
     if isinstance(exc, HTTPException):
-        return refusal(exc.status_code, "http_error", str(exc.detail))
-    log.exception("unexpected error on %s %s", request.method, request.url.path)
-    return refusal(500, "internal_error", "the gateway failed unexpectedly; nothing was forwarded", code=-32603)
+        status, reason, message, code = exc.status_code, "http_error", str(exc.detail), None
+    else:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        status, reason, message, code = 500, "internal_error", "the gateway failed unexpectedly; nothing was forwarded", -32603
+    body = jsonrpc.error_body(code or jsonrpc.code_for_status(status, reason), message, reason=reason)
+    return Response(body, status_code=status, media_type="application/json")

@@ -10,11 +10,13 @@ named in REDACTED_CLAIMS is masked.
 
 from __future__ import annotations
 
-import datetime as dt
+import asyncio
 import hashlib
 import json
 import logging
+import os
 import sys
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,17 @@ import orjson
 AUDIT_LOGGER = "gateway.audit"
 
 REDACTED_CLAIMS = frozenset({"access_token", "refresh_token", "id_token", "token"})
+
+
+#: OPA's `labels` identify the instance; with several workers, `pid` says which one judged
+_LABELS = {"app": "mcp-authz-gateway", "pid": str(os.getpid())}
+
+
+def _timestamp() -> str:
+    """RFC 3339 UTC with microseconds (what datetime.isoformat gives, at a third of the cost)."""
+    now = time.time()
+    seconds = int(now)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + ".%06dZ" % int((now - seconds) * 1_000_000)
 
 
 @dataclass
@@ -100,13 +113,17 @@ class DecisionLog:
         """`target`: "-" for stdout, a file path to append to, or "" to log nothing. A line
         longer than `max_line_bytes` keeps the decision and the input's outline but not the
         client's arguments, and says so (`input_truncated`): a refused 256 KiB request must
-        not cost 256 KiB of log."""
+        not cost 256 KiB of log.
+
+        Lines written during one turn of the event loop are flushed together at the end of
+        it (one write call for many requests under load); outside a loop, at once."""
         self._max = max_line_bytes
         self._stream: TextIO | None
+        self._flush_pending = False
         if target == "-":
             self._stream = sys.stdout
         elif target:
-            self._stream = Path(target).open("a", encoding="utf-8", buffering=1)
+            self._stream = Path(target).open("a", encoding="utf-8", buffering=65536)
         else:
             self._stream = None
 
@@ -115,9 +132,9 @@ class DecisionLog:
             return
         entry: dict[str, Any] = {
             "decision_id": record.decision_id,
-            "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z"),
+            "timestamp": _timestamp(),
             "path": record.path,
-            "labels": {"app": "mcp-authz-gateway"},
+            "labels": _LABELS,
             "requested_by": record.requested_by,
             "stage": record.stage,
             "input": _redacted(record.input),
@@ -139,7 +156,25 @@ class DecisionLog:
             self._stream.write(line)
         except (OSError, ValueError) as exc:  # a full disk must not take requests down
             logging.getLogger(__name__).error("decision log write failed: %s", exc)
+            return
+        if self._flush_pending:
+            return
+        try:
+            asyncio.get_running_loop().call_soon(self.flush)
+            self._flush_pending = True
+        except RuntimeError:  # no loop: now
+            self.flush()
+
+    def flush(self) -> None:
+        self._flush_pending = False
+        if self._stream is None:
+            return
+        try:
+            self._stream.flush()
+        except (OSError, ValueError) as exc:
+            logging.getLogger(__name__).error("decision log write failed: %s", exc)
 
     def close(self) -> None:
+        self.flush()
         if self._stream is not None and self._stream is not sys.stdout:
             self._stream.close()

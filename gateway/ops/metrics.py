@@ -8,18 +8,18 @@ metrics code.
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -37,6 +37,49 @@ class _CacheCollector:
             family.add_metric([name, "hit"], hits)
             family.add_metric([name, "miss"], misses)
         yield family
+
+
+class StepTimes:
+    """`mcp_gateway_step_seconds`: per-step histograms kept as plain counts and turned into
+    Prometheus samples at scrape time. prometheus_client's Histogram takes a lock per bucket
+    update (about 3 µs an observation, three per request); the request path runs on one
+    event loop thread, so plain counts are exact."""
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self._buckets = buckets
+        self._steps: dict[str, list[float]] = {}  # step → [count per bucket..., +Inf count, sum]
+
+    def observe(self, step: str, seconds: float) -> None:
+        counts = self._steps.get(step)
+        if counts is None:
+            counts = self._steps[step] = [0.0] * (len(self._buckets) + 2)
+        counts[bisect_left(self._buckets, seconds)] += 1
+        counts[-1] += seconds
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily("mcp_gateway_step_seconds", "Time spent per step of the request path", labels=["step"])
+        for step, counts in sorted(self._steps.items()):
+            cumulative, running = [], 0.0
+            for bound, count in zip((*map(floatToGoString, self._buckets), "+Inf"), counts[:-1]):
+                running += count
+                cumulative.append((bound, running))
+            family.add_metric([step], cumulative, counts[-1])
+        yield family
+
+
+class _Timer:
+    """`with metrics.timed(step):` (a class, not a generator: a third of the cost)."""
+
+    __slots__ = ("_times", "_step", "_started")
+
+    def __init__(self, times: StepTimes, step: str) -> None:
+        self._times, self._step = times, step
+
+    def __enter__(self) -> None:
+        self._started = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self._times.observe(self._step, time.perf_counter() - self._started)
 
 
 def _loop_tasks() -> int:
@@ -57,13 +100,9 @@ class Metrics:
         self.requests = Counter(
             "mcp_gateway_requests", "Requests on the MCP endpoint by outcome", ["action", "reason"], registry=self.registry
         )
-        self.step_seconds = Histogram(
-            "mcp_gateway_step_seconds",
-            "Time spent per step of the request path",
-            ["step"],  # verify | policy | exchange | upstream | listing
-            buckets=BUCKETS,
-            registry=self.registry,
-        )
+        #: steps: verify | policy | exchange | upstream | listing
+        self.step_seconds = StepTimes(BUCKETS)
+        self.registry.register(self.step_seconds)  # type: ignore[arg-type]
         self.reloads = Counter("mcp_gateway_reloads", "Policy/profile reloads by result", ["result"], registry=self.registry)
         self.shadow = Counter(
             "mcp_gateway_shadow_decisions", "Shadow policy evaluations by outcome", ["outcome"], registry=self.registry
@@ -79,19 +118,10 @@ class Metrics:
         )
 
         #: label children, bound once (`labels()` costs more than the observation itself)
-        self._steps: dict[str, Any] = {}
         self._outcomes: dict[tuple[str, str], Any] = {}
 
-    @contextmanager
-    def timed(self, step: str) -> Iterator[None]:
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            child = self._steps.get(step)
-            if child is None:
-                child = self._steps[step] = self.step_seconds.labels(step)
-            child.observe(time.perf_counter() - started)
+    def timed(self, step: str) -> _Timer:
+        return _Timer(self.step_seconds, step)
 
     def count(self, result: dict[str, Any] | None) -> None:
         result = result or {"action": "reject", "reason": "unknown"}

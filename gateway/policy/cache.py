@@ -41,23 +41,36 @@ class CacheDeclaration:
         return cls(pure=value.get("pure") is True, ignore=ignore)
 
 
-def _without(value: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
-    """A copy of `value` without `path` (only the dicts along the path are copied)."""
-    head, *rest = path
-    if head not in value:
-        return value
-    out = dict(value)
-    if not rest:
-        del out[head]
-    elif isinstance(out[head], dict):
-        out[head] = _without(out[head], tuple(rest))
+#: ignored paths as a tree: {"mcp": {"id": None}, ...}; None marks a path's end
+IgnoreTree = dict[str, Any]
+
+
+def ignore_tree(ignore: tuple[tuple[str, ...], ...]) -> IgnoreTree:
+    tree: IgnoreTree = {}
+    for path in ignore:
+        node = tree
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if child is None:  # an enclosing path is ignored already
+                break
+            node = child
+        else:
+            node[path[-1]] = None
+    return tree
+
+
+def _pruned(value: dict[str, Any], tree: IgnoreTree) -> dict[str, Any]:
+    """`value` without the tree's paths; only the dicts along a path are copied."""
+    out = {k: v for k, v in value.items() if k not in tree or tree[k] is not None}
+    for key, sub in tree.items():
+        if sub is not None and isinstance(out.get(key), dict):
+            out[key] = _pruned(out[key], sub)
     return out
 
 
-def canonical_key(policy_input: dict[str, Any], ignore: tuple[tuple[str, ...], ...]) -> bytes:
-    pruned = policy_input
-    for path in ignore:
-        pruned = _without(pruned, path)
+def canonical_key(policy_input: dict[str, Any], ignore: tuple[tuple[str, ...], ...] | IgnoreTree) -> bytes:
+    tree = ignore if isinstance(ignore, dict) else ignore_tree(ignore)
+    pruned = _pruned(policy_input, tree) if tree else policy_input
     try:
         text = orjson.dumps(pruned, option=orjson.OPT_SORT_KEYS)
     except (TypeError, orjson.JSONEncodeError):  # a lone surrogate: the slower, total encoder
@@ -71,7 +84,7 @@ class CachingEngine:
     def __init__(self, engine: PolicyEngine, declaration: CacheDeclaration, size: int) -> None:
         self.engine = engine
         self.name = engine.name
-        self._ignore = declaration.ignore
+        self._ignore = ignore_tree(declaration.ignore)
         self._size = size
         self._decisions: OrderedDict[bytes, Decision] = OrderedDict()
         self.hits = 0

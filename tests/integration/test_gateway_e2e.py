@@ -276,3 +276,12 @@ async def test_header_values_lose_their_optional_whitespace(gateways, issuer, js
     answer = await reader.read()
     writer.close()
     assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+
+
+def test_other_http_methods_get_405_with_a_json_rpc_body(gateway, issuer) -> None:
+    """The MCP endpoint is a raw ASGI route: it answers methods it does not serve itself."""
+    for method in ("PUT", "PATCH", "OPTIONS"):
+        resp = httpx.request(method, gateway.mcp_url, headers={"Authorization": f"Bearer {issuer.mint(aud=gateway.resource)}"}, timeout=10)
+        assert resp.status_code == 405
+        assert resp.headers["allow"] == "GET, POST, DELETE"
+        assert resp.json()["error"]["data"]["reason"] == "method_not_allowed"
