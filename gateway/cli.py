@@ -34,29 +34,43 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.app import create_app
-    from gateway.serving import ServerLimits, uvicorn_options
+    from gateway.config.settings import worker_problem
+    from gateway.serving import ServerLimits, reuse_port_socket, supervise, uvicorn_options, worker_command
 
     try:
         settings = load_config(resolve_config_path(args.config))
         _setup_logging(settings.config.log_level)
-        app = create_app(settings)
+        cfg = settings.config
+        host = args.host or cfg.listen.host
+        port = args.port if args.port is not None else cfg.listen.port
+        workers = 1 if args.worker else (args.workers if args.workers is not None else cfg.workers)
+        if not 1 <= workers <= 64:
+            raise ConfigError("--workers: must be between 1 and 64")
+        effective = cfg.model_copy(update={"listen": cfg.listen.model_copy(update={"port": port})})
+        if (problem := worker_problem(effective, workers)) is not None:
+            raise ConfigError(f"{'--workers' if args.workers is not None else settings.path.name + ': workers'}: {problem}")
+        app = create_app(settings)  # every worker would fail the same way: find out once, here
     except (ConfigError, PolicyError) as exc:
         return _fail(str(exc))
-    cfg = settings.config
+    if workers > 1:
+        del app
+        return supervise(worker_command(str(settings.path), host, port), workers)
     listen = cfg.listen
     limits = ServerLimits(max_header_bytes=listen.max_header_bytes, max_headers=listen.max_headers, header_timeout=listen.header_timeout,
                           body_timeout=listen.body_timeout, max_connections_per_address=listen.max_connections_per_address)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         **uvicorn_options(limits),
-        host=args.host or cfg.listen.host,
-        port=args.port if args.port is not None else cfg.listen.port,
+        host=host,
+        port=port,
         log_level=cfg.log_level,
         access_log=cfg.access_log,
         server_header=False,
         proxy_headers=False,
         lifespan="on",
     )
+    # a worker binds its own socket beside its siblings' (SO_REUSEPORT); alone, uvicorn binds
+    uvicorn.Server(config).run(sockets=[reuse_port_socket(host, port)] if args.worker else None)
     return 0
 
 
@@ -135,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="gateway.yaml (default: $GATEWAY_CONFIG)")
     serve.add_argument("--host", help="override listen.host")
     serve.add_argument("--port", type=int, help="override listen.port")
+    serve.add_argument("--workers", type=int, help="override workers: gateway processes sharing the port")
+    serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one of several, started by `serve`
     serve.set_defaults(func=cmd_serve)
 
     check = sub.add_parser("check", help="validate config and profile, compile the policy, run its Rego tests")

@@ -1,4 +1,13 @@
-"""Serving HTTP with limits an unauthenticated client cannot get around (hardening item 5).
+"""Serving HTTP: limits an unauthenticated client cannot get around, and several worker
+processes on one port.
+
+Workers: `serve --workers N` (or `workers: N`) starts N whole gateways, each in its own
+process with its own listening socket bound with SO_REUSEPORT, so the kernel spreads new
+connections over them (measured in benchmarks/: uvicorn's own `--workers`, one shared socket,
+left a worker idle in a quarter of the runs). The parent only supervises: it forwards SIGHUP
+(reload) to every worker, restarts one that dies, and stops them all on SIGTERM/SIGINT.
+
+Limits (hardening item 5):
 
 uvicorn's httptools protocol bounds neither the size nor the number of request headers, nor
 the time a client may take to send them or a body: four connections sending 50 MB of
@@ -13,6 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import socket
+import subprocess
+import sys
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -128,3 +142,70 @@ def guarded_protocol(limits: ServerLimits) -> type[HttpToolsProtocol]:
 
 def uvicorn_options(limits: ServerLimits) -> dict[str, Any]:
     return {"http": guarded_protocol(limits)}
+
+
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket that other processes may bind too (SO_REUSEPORT)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(False)
+    return sock
+
+
+#: a worker that dies this soon after it started is a start-up failure: everything stops
+STARTUP_GRACE = 5.0
+
+
+def supervise(worker_argv: list[str], workers: int) -> int:
+    """Run `workers` copies of `worker_argv` until SIGTERM/SIGINT; SIGHUP goes to each."""
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    def reload(signum: int, frame: object) -> None:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGHUP)
+
+    def start() -> tuple[subprocess.Popen[bytes], float]:
+        return subprocess.Popen(worker_argv), time.monotonic()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    started = [start() for _ in range(workers)]
+    procs = [proc for proc, _ in started]
+    signal.signal(signal.SIGHUP, reload)
+    log.warning("serving with %d worker processes (pids %s)", workers, ", ".join(str(p.pid) for p in procs))
+    code = 0
+    while not stopping:
+        time.sleep(0.2)
+        for i, (proc, since) in enumerate(started):
+            if proc.poll() is None or stopping:
+                continue
+            if time.monotonic() - since < STARTUP_GRACE:
+                log.error("worker %d (pid %d) exited with %s while starting; stopping", i, proc.pid, proc.returncode)
+                stopping, code = True, proc.returncode or 1
+                break
+            log.error("worker %d (pid %d) exited with %s; starting another", i, proc.pid, proc.returncode)
+            started[i] = start()
+            procs[i] = started[i][0]
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return code
+
+
+def worker_command(config_path: str, host: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "gateway.cli", "serve", "--config", config_path, "--host", host, "--port", str(port), "--worker"]

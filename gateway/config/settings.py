@@ -228,6 +228,8 @@ class GatewayConfig(Strict):
     decision_log: str = "-"
     #: a longer line drops the client's arguments from its input and says so
     decision_log_max_line_bytes: int = pydantic.Field(16_384, ge=1_024)
+    #: gateway processes sharing the port (SO_REUSEPORT); more than one needs shared stores
+    workers: int = pydantic.Field(1, ge=1, le=64)
 
     @pydantic.field_validator("public_url")
     @classmethod
@@ -252,10 +254,32 @@ class GatewayConfig(Strict):
             raise ValueError("policy.opa_url is required when policy.engine is opa")
         return self
 
+    @pydantic.model_validator(mode="after")
+    def _workers_share_state(self) -> GatewayConfig:
+        if (problem := worker_problem(self, self.workers)) is not None:
+            raise ValueError(f"workers: {problem}")
+        return self
+
     @property
     def resource(self) -> str:
         """The protected resource's canonical URL (RFC 9728 `resource`, RFC 8707 audience)."""
         return self.public_url + self.mcp_path
+
+
+def worker_problem(config: GatewayConfig, workers: int) -> str | None:
+    """Why `workers` processes cannot serve `config` correctly, or None. Each worker is a whole
+    gateway: what one worker learns (a session's owner, a sign-in in progress) must be where
+    every other can read it, or a client's next request fails or, worse, is judged without it."""
+    if workers <= 1:
+        return None
+    if config.listen.port == 0:
+        return f"{workers} workers need a fixed listen.port (port 0 would give each its own)"
+    if config.sessions.store != "redis":
+        return f"{workers} workers need sessions.store: redis (a session opened on one worker is unknown to the others)"
+    if config.authorization_server.mode == "proxy" and config.authorization_server.store.store != "redis":
+        return (f"{workers} workers need authorization_server.store.store: redis (a code issued by one worker "
+                "must be redeemable at another)")
+    return None
 
 
 class Settings(pydantic.BaseModel):

@@ -81,7 +81,11 @@ def validate(model: type[T], data: Any, file: str | Path) -> T:
             elif err["type"] == "missing":
                 msg = "required key is missing"
             else:
-                msg = err["msg"]
+                msg = err["msg"].removeprefix("Value error, ")
+                # a check across keys names its key first ("workers: ...")
+                named, sep, rest = msg.partition(": ")
+                if key == "<root>" and sep and named.replace(".", "").replace("_", "").isalnum():
+                    key, msg = named, rest
             lines.append(f"{file}: {key}: {msg}")
         raise ConfigError("\n".join(lines)) from None
 
