@@ -104,7 +104,8 @@ def find_opa() -> str | None:
     return None
 
 
-def start_gateway(procs: Processes, name: str, *, profile: Any, upstream: str, env: dict[str, str] | None = None, policy: dict[str, Any] | None = None) -> tuple[str, subprocess.Popen[Any]]:
+def start_gateway(procs: Processes, name: str, *, profile: Any, upstream: str, env: dict[str, str] | None = None, policy: dict[str, Any] | None = None,
+                  extra: dict[str, Any] | None = None) -> tuple[str, subprocess.Popen[Any]]:
     port = free_port()
     d = procs.tmp / name
     d.mkdir()
@@ -121,6 +122,7 @@ def start_gateway(procs: Processes, name: str, *, profile: Any, upstream: str, e
         "access_log": False,
         "decision_log": str(d / "decisions.jsonl"),  # on, as in production, to a file
         "reload": {"watch": False},
+        **(extra or {}),
     }
     (d / "gateway.yaml").write_text(yaml.safe_dump(config))
     proc = procs.start(name, [sys.executable, "-m", "gateway.cli", "serve", "--config", str(d / "gateway.yaml")], f"http://127.0.0.1:{port}/healthz", env=env)
@@ -139,9 +141,63 @@ def summarize(run: Run) -> dict[str, Any]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process (all its threads), from /proc."""
+    """User + system CPU of a process (all its threads) and of its live children (workers), from /proc."""
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + sum(cpu_seconds(child) for child in _children(pid))
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+WRK_SCRIPT = """wrk.method = "POST"
+wrk.body = [[%s]]
+%s
+"""
+
+
+def wrk_run(url: str, token: str, concurrency: int, seconds: float, *, pid: int | None = None) -> dict[str, Any] | None:
+    """The same closed-loop run with wrk (C, ~20 CPU-µs a request: it leaves the cores to the
+    gateway); None where wrk is not installed (scripts/bench.sh installs it from Debian)."""
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        return None
+    headers = {**HEADERS, "Authorization": f"Bearer {token}"}
+    script = Path(tempfile.mkstemp(suffix=".lua")[1])
+    script.write_text(WRK_SCRIPT % (CALL.decode(), "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items())))
+    before = cpu_seconds(pid) if pid else 0.0
+    run = subprocess.run([wrk, "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(script), url],
+                         capture_output=True, text=True, timeout=seconds + 30)
+    after = cpu_seconds(pid) if pid else 0.0
+    script.unlink()
+    out: dict[str, Any] = {"rps": 0.0, "p50_ms": 0.0, "requests": 0, "errors": 0}
+    for line in run.stdout.splitlines():
+        parts = line.split()
+        if line.startswith("Requests/sec:"):
+            out["rps"] = float(parts[1])
+        elif len(parts) == 2 and parts[0] == "50%":
+            out["p50_ms"] = _ms(parts[1])
+        elif "requests in" in line:
+            out["requests"] = int(parts[0])
+        elif line.strip().startswith("Non-2xx or 3xx responses:") or line.strip().startswith("Socket errors:"):
+            out["errors"] += sum(int(x) for x in line.replace(",", " ").split() if x.isdigit())
+    if pid and out["requests"]:
+        out["cpu_us_per_request"] = (after - before) / out["requests"] * 1e6
+    return out
+
+
+def _ms(text: str) -> float:
+    for unit, factor in (("us", 0.001), ("ms", 1.0), ("s", 1000.0)):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * factor
+    return float(text)
 
 
 def varying_call() -> Any:
@@ -161,6 +217,59 @@ async def measure(url: str, token: str | None, concurrency: int, seconds: float,
     out = summarize(run)
     if pid and run.completed:
         out["cpu_us_per_request"] = (cpu_seconds(pid) - before) / run.completed * 1e6
+    return out
+
+
+def floor(procs: Processes, seconds: float, upstream: str, token: str) -> dict[str, Any]:
+    """What no gateway on this stack goes below: a bare proxy (no checks) under load, and the
+    gateway's own code alone (its endpoint driven in-process, the upstream answer canned)."""
+    port = free_port()
+    proc = procs.start("bare-proxy", [sys.executable, "-m", "benchmarks.bare_proxy", "--port", str(port), "--upstream", upstream],
+                       f"http://127.0.0.1:{port}/")
+    url = f"http://127.0.0.1:{port}/mcp"
+    out: dict[str, Any] = {}
+    for conc in (1, 16):
+        direct = asyncio.run(measure(upstream, token, conc, seconds))
+        bare = asyncio.run(measure(url, token, conc, seconds, pid=proc.pid))
+        out[f"bare_c{conc}"] = {**bare, "added_p50_ms": bare["p50_ms"] - direct["p50_ms"]}
+        print(f"bare proxy c={conc:<2} p50 {bare['p50_ms']:.2f} ms (added {bare['p50_ms'] - direct['p50_ms']:+.2f}) {bare['rps']:.0f} rps "
+              f"CPU {bare.get('cpu_us_per_request', 0):.0f} µs/req", flush=True)
+    out["own_code"] = subprocess.run([sys.executable, "-m", "benchmarks.own_code"], cwd=ROOT, capture_output=True, text=True,
+                                     check=True).stdout.strip()
+    print(f"the gateway's own code: {out['own_code']}", flush=True)
+    return out
+
+
+def processes(procs: Processes, seconds: float, profile: dict[str, Any], upstream: str, issuer: Any) -> dict[str, Any]:
+    """1 vs 2 gateway processes (`workers`, SO_REUSEPORT) at c=16, with the Python load generator
+    and with wrk; the workers share sessions through a real Redis."""
+    redis = shutil.which("redis-server") or ("/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None)
+    if redis is None:
+        print("processes skipped: no redis-server (scripts/test.sh installs it)")
+        return {}
+    port = free_port()
+    log = open(procs.tmp / "redis.log", "w")
+    procs.procs.append(subprocess.Popen([redis, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], stdout=log, stderr=subprocess.STDOUT))
+    time.sleep(0.5)
+    out: dict[str, Any] = {}
+    for workers in (1, 2):
+        url, proc = start_gateway(procs, f"gw-workers-{workers}", profile=profile, upstream=upstream,
+                                  extra={"workers": workers, "sessions": {"store": "redis", "url": f"redis://127.0.0.1:{port}/0"}})
+        if workers > 1:
+            deadline = time.monotonic() + 30
+            while len(_children(proc.pid)) < workers and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(2)  # every worker listening
+        token = issuer.mint(aud=url)
+        asyncio.run(measure(url, token, 16, 1))
+        python = asyncio.run(measure(url, token, 16, seconds, pid=proc.pid))
+        wrk = wrk_run(url, token, 16, seconds, pid=proc.pid)
+        out[str(workers)] = {"python": python, "wrk": wrk}
+        print(f"{workers} process(es) c=16: python loadgen {python['rps']:.0f} rps CPU {python.get('cpu_us_per_request', 0):.0f} µs/req"
+              + (f" | wrk {wrk['rps']:.0f} rps p50 {wrk['p50_ms']:.2f} ms CPU {wrk.get('cpu_us_per_request', 0):.0f} µs/req" if wrk else " | wrk not installed"),
+              flush=True)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
     return out
 
 
@@ -291,6 +400,12 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     c = cells.get("passthrough/sdk/c16")
     if c:
         add("throughput vs the SDK MCPServer direct at c=16", c["throughput_ratio"] * 100, 80, c["throughput_ratio"] >= 0.8, "%")
+    p = results.get("processes") or {}
+    for gen in ("wrk", "python"):
+        one, two = (p.get(n, {}).get(gen) for n in ("1", "2"))
+        if one and two and one["rps"]:
+            growth = two["rps"] / one["rps"]
+            add(f"2 processes vs 1 at c=16 ({gen} load generator): throughput grows with the cores", growth, 1.2, growth >= 1.2, "x")
     errors = sum(c["gateway"]["errors"] + c["direct"]["errors"] for c in cells.values())
     add("errors in every run", errors, 0, errors == 0, "requests")
     m = results.get("memory")
@@ -324,6 +439,22 @@ def write_outputs(results: dict[str, Any]) -> None:
     lines += ["", "With a new argument value on every call (no decision cache can serve it), pass-through, fast upstream:"]
     lines += [f"- {k}: p50 {u['p50_ms']:.2f} ms, {u['rps']:.0f} rps, CPU {u.get('cpu_us_per_request', 0):.0f} µs/request"
               for k, u in results.get("uncached", {}).items()]
+    if results.get("processes"):
+        lines += ["", "## Processes (pass-through, fast upstream, c=16; `workers`, SO_REUSEPORT; CPU of all the gateway's processes)", "",
+                  "| processes | Python load generator rps | CPU µs/request | wrk rps | wrk p50 (ms) | CPU µs/request |", "|---|---|---|---|---|---|"]
+        for n, r in results["processes"].items():
+            py, wrk = r["python"], r.get("wrk") or {}
+            lines.append(f"| {n} | {py['rps']:.0f} | {py.get('cpu_us_per_request', 0):.0f} | {wrk.get('rps', 0):.0f} | {wrk.get('p50_ms', 0):.2f} | "
+                         f"{wrk.get('cpu_us_per_request', 0):.0f} |")
+    if results.get("floor"):
+        f = results["floor"]
+        lines += ["", "## The floor", "",
+                  "A bare proxy on the same stack (uvicorn, httptools, uvloop, pyreqwest) that checks nothing "
+                  "(`benchmarks/bare_proxy.py`), and the gateway's own code alone (`benchmarks/own_code.py`: the endpoint "
+                  "driven in-process, the upstream's answer canned):", ""]
+        lines += [f"- bare proxy c={c}: p50 {f[f'bare_c{c}']['p50_ms']:.2f} ms (added {f[f'bare_c{c}']['added_p50_ms']:+.2f} ms), "
+                  f"{f[f'bare_c{c}']['rps']:.0f} rps, CPU {f[f'bare_c{c}'].get('cpu_us_per_request', 0):.0f} µs/request" for c in (1, 16)]
+        lines += [f"- the gateway's own code: {f['own_code']}"]
     lines += ["", "## Decisions (engines alone, uncached, notes rules)", "", "| engine | tools/call p50 / p99 (µs) | 12-name listing p50 / p99 (µs) |", "|---|---|---|"]
     lines += [f"| {name} | {dm[name]['call_p50_us']:.0f} / {dm[name]['call_p99_us']:.0f} | {dm[name]['listing_p50_us']:.0f} / {dm[name]['listing_p99_us']:.0f} |"
               for name in ("wasm", "regopy")]
@@ -472,6 +603,9 @@ def main() -> int:
                     results["uncached"][f"c{conc}"] = through
                     print(f"{key + ' uncached':18} c={conc:<2}  gateway p50 {through['p50_ms']:.2f} ms {through['rps']:7.0f} rps | "
                           f"CPU {through.get('cpu_us_per_request', 0):.0f} µs/req | errors {through['errors']}", flush=True)
+
+        results["processes"] = processes(procs, args.seconds, dev_profile, fast, issuer)
+        results["floor"] = floor(procs, args.seconds, fast, gateways["passthrough/fast"].token)
 
         results["decision"] = decision_micro()
         d = results["decision"]
