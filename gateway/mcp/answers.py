@@ -8,7 +8,8 @@ every SSE event, on POST and GET alike:
 - a listing-shaped result (`tools`, `resources`, `resourceTemplates`, `prompts`) is filtered
   by the shape it has, whatever was asked: every candidate name goes to the policy in one
   input (`input.listing`), and only the items it calls `visible` are kept. Everything else
-  (`nextCursor`, `_meta`) stays as the upstream wrote it, so pagination works unchanged;
+  (`nextCursor`, `_meta`) stays as the upstream wrote it, so pagination works unchanged,
+  except a `cacheScope` other than `"private"`: the page is per caller now;
 - on the answer to a request, a response whose id is not exactly the request's id (type
   included: `"5"` is not `5`) is dropped (SSE) or refused (JSON, 502): a mismatch never passes;
 - a batch, a message that is not JSON, an SSE event cut off at the end of the stream, or a
@@ -93,6 +94,7 @@ async def guard_message(message: Any, request_id: Any, visible_names: VisibleNam
     if not isinstance(result, dict):
         return message
     changed: dict[str, Any] | None = None
+    judged = False
     for listing in LISTINGS:
         items = result.get(listing.items_key)
         if items is None:
@@ -100,11 +102,17 @@ async def guard_message(message: Any, request_id: Any, visible_names: VisibleNam
         if not isinstance(items, list):
             raise Dropped(f"a {listing.items_key} result that is not a list")
         names = [name for item in items if (name := _name(item, listing)) is not None]
+        judged = judged or bool(items)
         visible = await visible_names(listing, names) if names else frozenset()
         kept = [item for item in items if _name(item, listing) in visible]
         if len(kept) != len(items):
             changed = changed if changed is not None else dict(result)
             changed[listing.items_key] = kept
+    if judged and "cacheScope" in result and result["cacheScope"] != "private":
+        # what this page shows depends on who asked: no shared cache may serve it to another
+        # caller (2026-07-28 caching), whether or not this caller lost an item
+        changed = changed if changed is not None else dict(result)
+        changed["cacheScope"] = "private"
     return message if changed is None else {**message, "result": changed}
 
 
@@ -235,10 +243,13 @@ async def _guard_sse(stream: AsyncIterator[bytes], request_id: Any, visible_name
 async def _guard_event(event: bytes, request_id: Any, visible_names: VisibleNames) -> bytes:
     lines = event.rstrip(b"\n").split(b"\n")
     data_lines = [line[5:].removeprefix(b" ") for line in lines if line.startswith(b"data:")]
-    if not data_lines:
-        return event  # comments, keep-alives, an id or retry alone
+    data = b"\n".join(data_lines)
+    if not data.strip():
+        # comments, keep-alives, an id or retry alone, or a priming event (an id with empty
+        # data, SEP-1699): no message, and the id is what a client resumes from
+        return event
     try:
-        message = _loads(b"\n".join(data_lines))
+        message = _loads(data)
     except ValueError:
         log.warning("an SSE event from the upstream is not JSON; dropped")
         return b""

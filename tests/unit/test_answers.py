@@ -197,3 +197,25 @@ async def test_memory_sessions_bind_refuse_expire_and_evict() -> None:
     await binding.closed("c")
     with pytest.raises(SessionNotFound):
         await binding.check("c", alice)
+
+
+async def test_a_priming_event_with_empty_data_is_relayed() -> None:
+    """SEP-1699: a resumable stream opens with an event id and empty data; the client resumes
+    from that id. (Dropped as 'not JSON' before: the conformance suite's SSE scenarios caught it.)"""
+    priming = b"id: 1\nretry: 100\ndata: \n\n"
+    message = b"id: 2\ndata: " + json.dumps({"jsonrpc": "2.0", "id": 7, "result": {}}).encode() + b"\n\n"
+    assert await read(await guard_answer(sse_answer(priming + message), 7, Policy(set()))) == priming + message
+
+
+async def test_a_judged_listing_is_never_marked_shareable() -> None:
+    """2026-07-28 caching: a page the policy judged per caller is private, even when this caller
+    lost nothing; an empty page, or one without cacheScope (older revisions), is left alone."""
+    public = {"jsonrpc": "2.0", "id": 7, "result": {**PAGE["result"], "cacheScope": "public", "ttlMs": 60000}}
+    everything = Policy({"list_notes", "delete_note"})
+    guarded = json.loads((await guard_answer(json_answer(public), 7, everything)).body or b"")
+    assert guarded["result"]["cacheScope"] == "private" and guarded["result"]["ttlMs"] == 60000
+    assert [t["name"] for t in guarded["result"]["tools"]] == ["list_notes", "delete_note"]  # nothing of this caller's lost
+    empty = {"jsonrpc": "2.0", "id": 7, "result": {"tools": [], "cacheScope": "public"}}
+    assert json.loads((await guard_answer(json_answer(empty), 7, everything)).body or b"")["result"]["cacheScope"] == "public"
+    older = json.loads((await guard_answer(json_answer(PAGE), 7, everything)).body or b"")
+    assert "cacheScope" not in older["result"]
