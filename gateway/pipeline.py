@@ -33,6 +33,7 @@ from gateway.mcp.messages import (
     McpRequest,
     parse_post,
     parse_stream_request,
+    stateless,
 )
 from gateway.mcp.sessions import Owner, SessionNotFound, session_owner
 from gateway.mcp.upstream import UpstreamAnswer, UpstreamError, forwarded_headers
@@ -319,7 +320,10 @@ async def _decide_and_forward(gw: Gateway, scope: Scope, record: DecisionRecord,
 
     # 4. Apply the decision.
     if decision.action is Action.REJECT:
-        return _policy_refusal(gw, decision.status or 403, decision.reason, decision.scopes, mcp)
+        status = decision.status or 403
+        if decision.reason == "unknown_method" and stateless(mcp.protocol_version):
+            status = 404  # the stateless transport's answer to a method the server does not know
+        return _policy_refusal(gw, status, decision.reason, decision.scopes, mcp)
     bearer = raw_token
     if decision.action is Action.EXCHANGE:
         record.stage = "exchange"

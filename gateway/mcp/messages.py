@@ -18,6 +18,8 @@ from mcp.shared.inbound import (
     PROTOCOL_VERSION_META_KEY,
     decode_header_value,
 )
+from mcp.types.version import MODERN_PROTOCOL_VERSIONS
+from mcp_types.methods import CLIENT_REQUESTS, SPEC_CLIENT_METHODS
 
 from gateway.mcp import jsonrpc
 from gateway.mcp.jsonstrict import StrictDecoder, depth_exceeds, has_lone_surrogate
@@ -151,10 +153,14 @@ def parse_post(body: bytes, headers: dict[str, str], *, max_depth: int) -> McpRe
     if not isinstance(params, dict):
         raise _bad(400, jsonrpc.INVALID_REQUEST, "params must be an object", "invalid_params", request_id)
 
+    version = _protocol_version(method, params, headers, request_id)
+    if kind == "request" and stateless(version) and method in SPEC_CLIENT_METHODS and (method, version) not in CLIENT_REQUESTS:
+        # removed by this revision (initialize, ping, resources/subscribe...): its stateless
+        # transport answers 404 with -32601, before any check of the params
+        raise _bad(404, jsonrpc.METHOD_NOT_FOUND, f"{method} does not exist in protocol revision {version}", "unknown_method", request_id)
     name = _name_param(method, params, request_id)
     if kind == "request":
         _check_targets(method, params, request_id)
-    version = _protocol_version(method, params, headers, request_id)
     _check_routing_headers(method, name, headers, request_id)
     return McpRequest(
         http_method="POST",
@@ -225,6 +231,12 @@ def _name_param(method: str | None, params: dict[str, Any], request_id: Any) -> 
     if method in ("tools/call", "prompts/get") and not isinstance(params.get("arguments", {}), dict):
         raise _bad(400, jsonrpc.INVALID_PARAMS, "params.arguments must be an object", "invalid_params", request_id)
     return value
+
+
+def stateless(version: str | None) -> bool:
+    """True for the 2026-07-28-style revisions: no sessions, every request on its own, and a
+    method the server does not know is HTTP 404 with JSON-RPC -32601."""
+    return version in MODERN_PROTOCOL_VERSIONS
 
 
 def _protocol_version(method: str | None, params: dict[str, Any], headers: dict[str, str], request_id: Any) -> str | None:

@@ -285,3 +285,30 @@ def test_other_http_methods_get_405_with_a_json_rpc_body(gateway, issuer) -> Non
         assert resp.status_code == 405
         assert resp.headers["allow"] == "GET, POST, DELETE"
         assert resp.json()["error"]["data"]["reason"] == "method_not_allowed"
+
+
+def test_an_unknown_method_is_404_in_the_stateless_revision_and_400_before(gateway, issuer) -> None:
+    token = issuer.mint(aud=gateway.resource)
+    modern = {"jsonrpc": "2.0", "id": 5, "method": "no/such-method",
+              "params": {"_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28"}}}
+    resp = post(gateway.mcp_url, token, modern, **{"Mcp-Protocol-Version": "2026-07-28", "Mcp-Method": "no/such-method"})
+    assert resp.status_code == 404
+    assert resp.json()["error"]["code"] == -32601 and resp.json()["id"] == 5
+    legacy = {"jsonrpc": "2.0", "id": 6, "method": "no/such-method", "params": {}}
+    resp = post(gateway.mcp_url, token, legacy, **{"Mcp-Protocol-Version": "2025-11-25"})
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == -32601
+
+
+def test_mcp_param_headers_reach_the_upstream_unchanged(gateways, issuer, json_upstream) -> None:
+    """2026-07-28: `Mcp-Param-*` headers the gateway does not interpret are forwarded as sent
+    (MUST), and the gateway still decides on the body."""
+    gw = gateways.start(profile=make_profile(issuer), upstream_url=json_upstream.url)
+    json_upstream.clear()
+    body = {"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {"name": "list_notes", "arguments": {"q": "x"},
+            "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {},
+                      "io.modelcontextprotocol/clientInfo": {"name": "t", "version": "1"}}}}
+    resp = post(gw.mcp_url, issuer.mint(aud=gw.resource), body, **{"Mcp-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/call",
+                                                                  "Mcp-Name": "list_notes", "Mcp-Param-Q": "x", "Mcp-Param-Region": "=?base64?ZXU=?="})
+    assert resp.status_code == 200, resp.text
+    seen = dict(json_upstream.requests()[-1]["headers"])
+    assert seen["mcp-param-q"] == "x" and seen["mcp-param-region"] == "=?base64?ZXU=?="

@@ -108,3 +108,18 @@ def test_bad_input_refused_with_reason(body, reason) -> None:
 def test_hostile_tool_names_parse_to_exactly_that_name(name) -> None:
     """Names are data: they reach the policy unchanged (the policy decides)."""
     assert parse(call(name)).tool == name
+
+
+@pytest.mark.parametrize("method", ["initialize", "ping", "logging/setLevel", "resources/subscribe", "resources/unsubscribe"])
+def test_a_method_removed_by_the_stateless_revision_is_not_found_before_its_params_are_checked(method: str) -> None:
+    """2026-07-28 answers a method it does not have with 404 / -32601 (the conformance suite's
+    server-stateless scenario); the params of a method that does not exist are not judged."""
+    body = {"jsonrpc": "2.0", "id": 3, "method": method, "params": {"_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28"}}}
+    with pytest.raises(McpInputError) as err:
+        parse(body, mcp_protocol_version="2026-07-28")
+    assert (err.value.status, err.value.code, err.value.reason, err.value.request_id) == (404, -32601, "unknown_method", 3)
+    # the same method in 2025-11-25 is judged as before (resources/subscribe without a uri: bad params)
+    if method.startswith("resources/"):
+        with pytest.raises(McpInputError) as err:
+            parse({"jsonrpc": "2.0", "id": 3, "method": method, "params": {}}, mcp_protocol_version="2025-11-25")
+        assert (err.value.status, err.value.reason) == (400, "invalid_params")
