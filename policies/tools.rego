@@ -56,6 +56,21 @@ unlisted(catalogue, name) if {
 
 token_scopes contains scope if some scope in input.token.scopes
 
+# Scope hierarchies (`scope_implies` in the data: a scope → the narrower scopes it includes,
+# e.g. notes.admin → [notes.write], notes.write → [notes.read]): a token holds every scope its
+# scopes imply, transitively, and only what none of them covers is missing. (graph.reachable
+# lists the scopes that have entries; their entries add the leaves.)
+scope_implies := object.get(authz, "scope_implies", {})
+
+broader_scopes := graph.reachable(scope_implies, token_scopes_granted) if is_object(scope_implies)
+
+token_scopes_granted := {scope | some scope in input.token.scopes}
+
+token_scopes contains scope if {
+	some broader in broader_scopes
+	some scope in object.get(scope_implies, broader, [])
+}
+
 missing_scopes(catalogue, name) := {scope |
 	some req in requirements(catalogue, name)
 	some scope in object.get(req, "scopes", [])

@@ -15,7 +15,9 @@ notes_authz(_) := {
 		"tag_note": {"scopes": ["notes.write"], "arguments": {"tag": {"one_of": ["red", "blue"], "optional": true}}},
 		"move_note": {"scopes": ["notes.write"], "arguments": {"id": {"owned_by": "notes"}, "to": {"prefix": "/users/{sub}/"}}},
 		"purge_*": {"scopes": ["notes.admin"]},
+		"archive_note": {"scopes": ["notes.write", "archive.write"]},
 	},
+	"scope_implies": {"notes.admin": ["notes.write"], "notes.write": ["notes.read"]},
 	"resources": {"notes://*": {"scopes": ["notes.read"]}},
 	"prompts": {"summarize": {"scopes": ["notes.read"]}},
 	"owners": {"notes": {"1": "alice", "2": "bob"}},
@@ -167,3 +169,17 @@ test_every_target_needs_its_scopes if {
 	d.reason == "insufficient_scope"
 	d.scopes == ["notes.read"]
 }
+
+test_a_broader_scope_covers_what_it_implies_transitively if {
+	call("list_notes", {}, ["notes.admin"]).action == "accept" # admin → write → read
+	call("read_note", {"id": 1}, ["notes.write"]).action == "accept"
+	call("purge_all", {}, ["notes.write"]).scopes == ["notes.admin"] # never upwards
+}
+
+test_every_missing_scope_is_named_in_one_step_up if {
+	d := call("archive_note", {}, ["notes.read"])
+	d.reason == "insufficient_scope"
+	d.scopes == ["archive.write", "notes.write"]
+}
+
+test_an_implied_scope_is_not_asked_for_again if call("archive_note", {}, ["notes.admin"]).scopes == ["archive.write"]
