@@ -15,7 +15,7 @@ if ! command -v redis-server >/dev/null 2>&1 && [ ! -x /usr/bin/redis-server ]; 
 fi
 # the tests' OpenID provider (oidc-provider on Node), pinned by tests/idp/package-lock.json
 (cd tests/idp && npm ci --no-audit --no-fund --loglevel=error)
-# real MCP clients the tests drive (mcp-remote, the Inspector CLI), pinned by tests/clients/package-lock.json
+# real MCP clients the tests drive (mcp-remote, the Inspector CLI, the conformance suite), pinned by tests/clients/package-lock.json
 # (npm install, not ci: the Inspector's vite names a Windows-only optional dependency that npm
 # leaves out of a lock file made on Linux, and `npm ci` then refuses the lock; install honours it)
 (cd tests/clients && npm install --no-audit --no-fund --loglevel=error)
