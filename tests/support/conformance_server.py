@@ -185,6 +185,102 @@ def build() -> MCPServer:
         await ctx.info("After reconnect")
         return "Reconnection test completed"
 
+    # --- 2026-07-28 multi-round requests (SEP-2322): InputRequiredResult, requestState ------
+    # The SDK seals requestState (RequestStateSecurity.ephemeral): a tampered state never
+    # reaches the tool, the boundary answers -32602.
+
+    def elicit(message: str, field: str, kind: str = "string") -> dict[str, Any]:
+        return {"method": "elicitation/create", "params": {"message": message, "requestedSchema": {
+            "type": "object", "properties": {field: {"type": kind}}, "required": [field]}}}
+
+    def sample(text: str, max_tokens: int) -> dict[str, Any]:
+        return {"method": "sampling/createMessage", "params": {
+            "messages": [{"role": "user", "content": {"type": "text", "text": text}}], "maxTokens": max_tokens}}
+
+    roots = {"method": "roots/list", "params": {}}
+
+    def answers(ctx: Context) -> dict[str, Any]:
+        out = {}
+        for key, value in (ctx.input_responses or {}).items():
+            out[key] = value.model_dump(by_alias=True, exclude_none=True) if hasattr(value, "model_dump") else value
+        return out
+
+    def accepted(answer: Any, field: str) -> Any:
+        content = answer.get("content") if isinstance(answer, dict) else None
+        return content.get(field) if isinstance(content, dict) else None
+
+    def need(requests: dict[str, Any], state: str | None = None) -> types.InputRequiredResult:
+        return types.InputRequiredResult(input_requests=requests, request_state=state)
+
+    def text(value: str) -> types.CallToolResult:
+        return types.CallToolResult(content=[types.TextContent(type="text", text=value)])
+
+    @mcp.tool()
+    async def test_input_required_result_elicitation(ctx: Context) -> types.CallToolResult | types.InputRequiredResult:
+        """MRTR: one elicitation, then a greeting"""
+        name = accepted(answers(ctx).get("user_name"), "name")
+        if not isinstance(name, str):
+            return need({"user_name": elicit("What is your name?", "name")})
+        return text(f"Hello, {name}!")
+
+    @mcp.tool()
+    async def test_input_required_result_sampling(ctx: Context) -> types.CallToolResult | types.InputRequiredResult:
+        """MRTR: one sampling request, then its text"""
+        answer = answers(ctx).get("capital_question")
+        if not isinstance(answer, dict):
+            return need({"capital_question": sample("What is the capital of France?", 100)})
+        content = answer.get("content")
+        return text(f"The model said: {content.get('text') if isinstance(content, dict) else content}")
+
+    @mcp.tool()
+    async def test_input_required_result_list_roots(ctx: Context) -> types.CallToolResult | types.InputRequiredResult:
+        """MRTR: the client's roots, then a list of them"""
+        answer = answers(ctx).get("client_roots")
+        if not isinstance(answer, dict) or not isinstance(answer.get("roots"), list):
+            return need({"client_roots": roots})
+        return text("Roots: " + ", ".join(str(r.get("uri")) for r in answer["roots"] if isinstance(r, dict)))
+
+    @mcp.tool()
+    async def test_input_required_result_request_state(ctx: Context) -> types.CallToolResult | types.InputRequiredResult:
+        """MRTR: requestState round trip"""
+        if ctx.request_state != "confirm-round-1" or "confirm" not in answers(ctx):
+            return need({"confirm": elicit("Please confirm", "ok", "boolean")}, "confirm-round-1")
+        return text("state-ok: confirmed")
+
+    @mcp.tool()
+    async def test_input_required_result_multiple_inputs(ctx: Context) -> types.CallToolResult | types.InputRequiredResult:
+        """MRTR: three input requests at once"""
+        got = answers(ctx)
+        if ctx.request_state != "multi-1" or not {"user_name", "greeting", "client_roots"} <= got.keys():
+            return need({"user_name": elicit("What is your name?", "name"), "greeting": sample("Generate a greeting", 50),
+                         "client_roots": roots}, "multi-1")
+        return text("All inputs received")
+
+    @mcp.tool()
+    async def test_input_required_result_multi_round(ctx: Context) -> types.CallToolResult | types.InputRequiredResult:
+        """MRTR: two rounds, the state evolving"""
+        got = answers(ctx)
+        if ctx.request_state == "round-2" and "step2" in got:
+            return text("Completed both rounds")
+        if ctx.request_state == "round-1" and "step1" in got:
+            return need({"step2": elicit("Step 2: What is your favorite color?", "color")}, "round-2")
+        return need({"step1": elicit("Step 1: What is your name?", "name")}, "round-1")
+
+    @mcp.tool()
+    async def test_input_required_result_tampered_state(ctx: Context) -> types.CallToolResult | types.InputRequiredResult:
+        """MRTR: integrity-protected requestState (sealed by the SDK)"""
+        if ctx.request_state != "sealed-1":
+            return need({"confirm": elicit("Please confirm", "ok", "boolean")}, "sealed-1")
+        return text("state intact")
+
+    @mcp.prompt()
+    async def test_input_required_result_prompt(ctx: Context) -> list[dict[str, Any]] | types.InputRequiredResult:
+        """MRTR on prompts/get"""
+        context = accepted(answers(ctx).get("user_context"), "context")
+        if not isinstance(context, str):
+            return need({"user_context": elicit("What context should the prompt use?", "context")})
+        return [{"role": "user", "content": {"type": "text", "text": f"Use this context: {context}"}}]
+
     @mcp.resource("test://static-text")
     def static_text() -> str:
         """A static text resource for testing"""
