@@ -15,7 +15,7 @@ from typing import Any
 
 from litestar import Litestar, Request, Response, asgi, get
 
-from gateway.assembly import Gateway
+from gateway.assembly import Gateway, vetted_snapshot
 from gateway.auth.metadata import WELL_KNOWN, metadata_document, metadata_path
 from gateway.config.settings import Settings
 from gateway.oauth.routes import oauth_routes
@@ -29,13 +29,15 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: Settings) -> Litestar:
     """The ASGI app for one config. Raises ConfigError/PolicyError before serving anything."""
-    gateway = Gateway.build(settings)
+    bundle, _ = vetted_snapshot(settings)
+    gateway = Gateway.build(settings, bundle=bundle)
     cfg = settings.config
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await app.state.gateway.start()
-        reloader = Reloader(app.state, settings, Gateway.build)
+        app.state.gateway.serve_metrics()
+        reloader = Reloader(app.state, settings, Gateway.build, vetted_snapshot)
         watcher = asyncio.create_task(reloader.watch()) if cfg.reload.watch else None
         reloader.listen_for_sighup()
         try:
@@ -63,7 +65,9 @@ def create_app(settings: Settings) -> Litestar:
         if gateway.oauth is not None:
             checks["oauth_store"] = await gateway.oauth.state.store.ready()
         ready = all(checks.values())
-        return Response({"ready": ready, "checks": checks, "engine": gateway.engine_report}, status_code=200 if ready else 503)
+        policy = {"revision": gateway.revision, "shadow_revision": gateway.shadow_revision}
+        return Response({"ready": ready, "checks": checks, "engine": gateway.engine_report, "policy": policy},
+                        status_code=200 if ready else 503)
 
     @get([metadata_path(cfg.mcp_path), WELL_KNOWN], sync_to_thread=False)
     def protected_resource_metadata(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:

@@ -33,15 +33,16 @@ from gateway.oauth.server import CALLBACK_PATH, AuthorizationServer, OAuthState
 from gateway.oauth.signin import IdpSignIn
 from gateway.ops.audit import DecisionLog
 from gateway.ops.metrics import Metrics
-from gateway.policy.bundle import DeclaredScopes
+from gateway.policy.bundle import Bundle, DeclaredScopes, load_bundle
 from gateway.policy.cache import CachingEngine
-from gateway.policy.decision import PolicyEngine
+from gateway.policy.decision import PolicyEngine, PolicyError
 from gateway.policy.engines import (
     build_engine,
-    build_shadow_engine,
+    build_local_engine,
     load_live_bundle,
     with_decision_cache,
 )
+from gateway.policy.regotest import TestReport, run_tests_isolated
 from gateway.state.concurrency import IdentityLimits
 
 log = logging.getLogger(__name__)
@@ -72,10 +73,17 @@ class Gateway:
     inflight: InFlight = field(default_factory=InFlight)
     #: requests and streams each identity holds now (shared with a reloaded successor)
     identity_limits: IdentityLimits = field(default_factory=lambda: IdentityLimits(64, 16))
+    #: the revision of the snapshot serving (and of the shadow's): logs, metrics, /readyz
+    revision: str = ""
+    shadow_revision: str | None = None
 
-    def __post_init__(self) -> None:
+    def serve_metrics(self) -> None:
+        """Point the shared metrics at this gateway: called once it serves (start-up, or a
+        reload's swap), so /metrics never reports a candidate that was refused."""
         self.metrics.cache_sources = self._cache_counts
         self.metrics.open_streams = lambda: self.upstream.open_streams
+        self.metrics.policy_info = lambda: {"revision": self.revision, "shadow_revision": self.shadow_revision or "",
+                                            "engine": self.engine_report["name"]}
 
     def _cache_counts(self) -> dict[str, tuple[int, int]]:
         counts = {"verified_tokens": (self.verified_cache.hits, self.verified_cache.misses)}
@@ -86,12 +94,15 @@ class Gateway:
         return counts
 
     @classmethod
-    def build(cls, settings: Settings, previous: Gateway | None = None) -> Gateway:
-        """Everything from the config; on reload, `previous` lends its upstream pool, log and metrics."""
+    def build(cls, settings: Settings, previous: Gateway | None = None, bundle: Bundle | None = None) -> Gateway:
+        """Everything from the config; on reload, `previous` lends its upstream pool, log and
+        metrics. `bundle`: the snapshot that was vetted (`vetted_snapshot`), served as it is."""
         cfg = settings.config
         profile = load_profile(cfg.profile, settings.base_dir, resource=cfg.resource, public_url=cfg.public_url)
-        bundle = load_live_bundle(settings)
+        bundle = bundle if bundle is not None else load_live_bundle(settings)
         engine = with_decision_cache(build_engine(settings, bundle), settings, bundle)
+        metrics = previous.metrics if previous else Metrics()
+        shadow, shadow_revision = shadow_engine(settings, metrics)
         idp_http = httpx.AsyncClient(timeout=httpx.Timeout(5.0), follow_redirects=False, trust_env=False)
         issuer = IssuerMetadata(profile, idp_http)
         verified = VerifiedTokenCache(cfg.caches.verified_tokens)
@@ -138,14 +149,16 @@ class Gateway:
             metadata_url=metadata_url(cfg.public_url, cfg.mcp_path),
             decisions=previous.decisions if previous else DecisionLog(cfg.decision_log, max_line_bytes=cfg.decision_log_max_line_bytes),
             verified_cache=verified,
-            metrics=previous.metrics if previous else Metrics(),
+            metrics=metrics,
             sessions=previous.sessions if previous else SessionBinding(build_session_store(cfg.sessions)),
             scopes=declared,
-            shadow=build_shadow_engine(settings),
+            shadow=shadow,
             oauth=oauth,
             inflight=previous.inflight if previous else InFlight(),
             identity_limits=previous.identity_limits if previous else IdentityLimits(
                 cfg.limits.max_requests_per_identity, cfg.limits.max_streams_per_identity),
+            revision=bundle.revision,
+            shadow_revision=shadow_revision,
         )
 
     @property
@@ -199,3 +212,51 @@ def advertised_scopes(profile: Profile, declared: DeclaredScopes) -> tuple[str, 
     """The profile's scopes, then every scope the policy data names; never `offline_access`
     (a resource does not ask for it: the MCP authorization spec's SHOULD NOT)."""
     return tuple(s for s in dict.fromkeys((*profile.scopes_supported, *declared.supported)) if s != "offline_access")
+
+
+def test_problem(report: TestReport) -> str | None:
+    if report.error:
+        return report.error
+    if report.failed:
+        names = ", ".join(r.rule for r in report.failed[:5])
+        return f"{len(report.failed)} of its {len(report.results)} Rego test(s) fail: {names}"
+    return None
+
+
+def vetted_snapshot(settings: Settings) -> tuple[Bundle, TestReport]:
+    """The live bundle read once, and its own Rego tests run on that very snapshot (isolated,
+    remembered by content hash). Start-up and reload apply the same rule: a bundle that does
+    not compile is refused; one whose tests fail is refused, or with
+    `policy.on_test_failure: warn` served with an error in the log. Raises PolicyError."""
+    bundle = load_live_bundle(settings)
+    report = run_tests_isolated(bundle)
+    problem = test_problem(report)
+    if problem is not None:
+        where = f"live bundle {settings.bundle_dir} (revision {bundle.revision})"
+        if report.error or settings.config.policy.on_test_failure == "refuse":
+            raise PolicyError(f"{where}: {problem}")
+        log.error("%s: %s; SERVED ANYWAY (policy.on_test_failure: warn)", where, problem)
+    return bundle, report
+
+
+def shadow_engine(settings: Settings, metrics: Metrics) -> tuple[PolicyEngine | None, str | None]:
+    """The shadow bundle's engine and revision, or (None, None). Never fatal to live traffic:
+    a shadow that does not load, crashes the engine or does not compile (checked in a child
+    process first) is logged, counted (`mcp_gateway_reloads{result="shadow_refused"}`) and
+    left out; failing tests only warn (a shadow is a candidate under observation)."""
+    if settings.shadow_dir is None:
+        return None, None
+    where = f"shadow bundle {settings.shadow_dir}"
+    try:
+        snapshot = load_bundle(settings.shadow_dir, settings.data_files)
+        where += f" (revision {snapshot.revision})"
+        report = run_tests_isolated(snapshot)
+        if report.error:
+            raise PolicyError(report.error)
+        if report.failed:
+            log.warning("%s: %s; shadowed anyway", where, test_problem(report))
+        return build_local_engine(settings, snapshot), snapshot.revision
+    except Exception as exc:  # noqa: BLE001 - whatever it is, the live policy goes on
+        metrics.reloads.labels("shadow_refused").inc()
+        log.error("%s refused, no shadow decisions until it is fixed (the live policy is unaffected): %s", where, exc)
+        return None, None

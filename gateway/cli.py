@@ -88,25 +88,40 @@ def print_report(report: TestReport, *, verbose: bool = False) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from gateway.assembly import test_problem
     from gateway.config.profiles import load_profile, proxy_client
-    from gateway.policy.engines import build_engine
+    from gateway.policy.bundle import load_bundle
+    from gateway.policy.engines import build_engine, load_live_bundle
 
     try:
         settings = load_config(resolve_config_path(args.config))
         cfg = settings.config
         profile = load_profile(cfg.profile, settings.base_dir, resource=cfg.resource, public_url=cfg.public_url)
         client = proxy_client(profile, settings.path.name) if cfg.authorization_server.mode == "proxy" else None
-        build_engine(settings)
+        bundle = load_live_bundle(settings)
+        build_engine(settings, bundle)
     except (ConfigError, PolicyError) as exc:
         return _fail(str(exc))
     print(f"config ok: {settings.path}")
     print(f"profile ok: {profile.name} (issuer {profile.issuer}, mode {profile.mode.value})")
     if client is not None:
         print(f"authorization server: proxy (signs users in at the IdP as client {client.client_id})")
-    print(f"policy ok: {settings.bundle_dir} compiles, entrypoint {cfg.policy.entrypoint}")
-    report = run_tests_isolated(settings.bundle_dir)
+    print(f"policy ok: {settings.bundle_dir} compiles, revision {bundle.revision}, entrypoint {cfg.policy.entrypoint}")
+    report = run_tests_isolated(bundle)
     print_report(report)
-    return report.exit_code
+    code = report.exit_code
+    if settings.shadow_dir is not None:
+        try:
+            shadow = load_bundle(settings.shadow_dir, settings.data_files)
+            problem = test_problem(run_tests_isolated(shadow))
+        except (ConfigError, PolicyError) as exc:
+            shadow, problem = None, str(exc)
+        if problem is None and shadow is not None:
+            print(f"shadow ok: {settings.shadow_dir} compiles, revision {shadow.revision}")
+        else:
+            print(f"shadow: {settings.shadow_dir}: {problem}")
+            code = code or 1
+    return code
 
 
 def cmd_policy_test(args: argparse.Namespace) -> int:

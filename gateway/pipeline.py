@@ -140,7 +140,8 @@ def mcp_endpoint(gateway_of: Callable[[Scope], Gateway]) -> Callable[[Scope, Rec
 async def handle_mcp(gw: Gateway, scope: Scope, receive: Receive, send: Send) -> None:
     """Every MCP request: run the request path, log the decision and name it to the client."""
     client = scope.get("client")
-    record = DecisionRecord(path=gw.settings.config.policy.entrypoint, requested_by=client[0] if client else None)
+    record = DecisionRecord(path=gw.settings.config.policy.entrypoint, requested_by=client[0] if client else None,
+                            revision=gw.revision, shadow_revision=gw.shadow_revision)
     try:
         reply = await request_path(gw, scope, receive, record)
     except ClientGone:

@@ -5,7 +5,8 @@ Workers: `serve --workers N` (or `workers: N`) starts N whole gateways, each in 
 process with its own listening socket bound with SO_REUSEPORT, so the kernel spreads new
 connections over them (measured in benchmarks/: uvicorn's own `--workers`, one shared socket,
 left a worker idle in a quarter of the runs). The parent only supervises: it forwards SIGHUP
-(reload) to every worker, restarts one that dies, and stops them all on SIGTERM/SIGINT.
+(reload) to every worker, restarts one that dies (one that exits with an error while starting
+stops them all), and stops them all on SIGTERM/SIGINT.
 
 Limits (hardening item 5):
 
@@ -156,7 +157,8 @@ def reuse_port_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-#: a worker that dies this soon after it started is a start-up failure: everything stops
+#: a worker that exits with an error this soon after it started failed to start (a port in use,
+#: a bundle refused): everything stops; one killed by a signal is replaced whenever it happens
 STARTUP_GRACE = 5.0
 
 
@@ -188,7 +190,7 @@ def supervise(worker_argv: list[str], workers: int) -> int:
         for i, (proc, since) in enumerate(started):
             if proc.poll() is None or stopping:
                 continue
-            if time.monotonic() - since < STARTUP_GRACE:
+            if proc.returncode > 0 and time.monotonic() - since < STARTUP_GRACE:
                 log.error("worker %d (pid %d) exited with %s while starting; stopping", i, proc.pid, proc.returncode)
                 stopping, code = True, proc.returncode or 1
                 break

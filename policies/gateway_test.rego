@@ -11,11 +11,14 @@ token(aud) := {"audiences": aud, "claims": {"client_id": "cognito-app"}, "scopes
 
 profile(rules, mode) := {"mode": mode, "audience": rules, "exchange": {"audience": ["nextcloud"], "scope": []}}
 
+# (`with data.authz as {}`: these tests are about audiences, whatever per-tool data a
+# deployment adds; the bundle's tests run with the deployment's data files too.)
 decide(aud, rules, mode) := d if {
 	d := gateway.decision with input.token as token(aud)
 		with input.profile as profile(rules, mode)
 		with input.mcp as {"kind": "request", "method": "tools/call", "tool": "list_notes"}
 		with input.request as {"method": "POST"}
+		with data.authz as {}
 }
 
 strict := {"accept": ["mcp-client"], "reject": [], "match": "any", "missing": "reject"}
@@ -125,6 +128,7 @@ named(tool) := d if {
 		with input.profile as profile(strict, "passthrough")
 		with input.mcp as {"kind": "request", "method": "tools/call", "tool": tool}
 		with input.request as {"method": "POST"}
+		with data.authz as {}
 }
 
 test_spec_tool_names_are_fine if {

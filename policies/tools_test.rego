@@ -120,6 +120,7 @@ test_no_data_changes_nothing if {
 		with input.profile as open_profile(0)
 		with input.mcp as {"kind": "request", "method": "tools/call", "tool": "anything"}
 		with input.request as {"method": "POST"}
+		with data.authz as {}
 	d.action == "accept"
 }
 

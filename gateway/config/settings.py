@@ -90,6 +90,9 @@ class PolicyConfig(Strict):
     #: `opa run BUNDLE FILE` does: the per-tool rules (data.authz) live in one
     data: tuple[str, ...] = ()
     decision_cache: DecisionCacheConfig = DecisionCacheConfig()
+    #: a bundle whose own Rego tests fail, at start-up and at reload: refuse it (start-up
+    #: stops, a reload keeps the running policy), or warn loudly and serve it
+    on_test_failure: Literal["refuse", "warn"] = "refuse"
 
 
 class Limits(Strict):

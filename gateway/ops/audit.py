@@ -56,6 +56,9 @@ class DecisionRecord:
     requested_by: str | None = None
     #: the shadow policy's decision, when it differs from `result`
     shadow_result: dict[str, Any] | None = None
+    #: the revisions that decided (OPA's decision logs carry `bundles.<name>.revision`)
+    revision: str | None = None
+    shadow_revision: str | None = None
 
 
 def _line(entry: dict[str, Any]) -> str:
@@ -145,8 +148,12 @@ class DecisionLog:
         }
         if record.eval_ns is not None:
             entry["metrics"] = {"timer_rego_query_eval_ns": record.eval_ns}
+        if record.revision is not None:
+            entry["bundles"] = {"live": {"revision": record.revision}}
         if record.shadow_result is not None:
             entry["shadow_result"] = record.shadow_result
+            if record.shadow_revision is not None:
+                entry.setdefault("bundles", {})["shadow"] = {"revision": record.shadow_revision}
         line = _line(entry)
         if len(line) > self._max and isinstance(entry.get("input"), dict):
             entry["input"] = _outline(entry["input"])

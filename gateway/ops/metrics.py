@@ -18,7 +18,7 @@ from prometheus_client import (
     Gauge,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, InfoMetricFamily
 from prometheus_client.utils import floatToGoString
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -82,6 +82,18 @@ class _Timer:
         self._times.observe(self._step, time.perf_counter() - self._started)
 
 
+class _PolicyInfo:
+    """`mcp_gateway_policy_info{revision, shadow_revision, engine} 1`: what serves now."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[InfoMetricFamily]:
+        info = self._metrics.policy_info()
+        if info:
+            yield InfoMetricFamily("mcp_gateway_policy", "The policy bundle serving (and the shadow's)", value=info)
+
+
 def _loop_tasks() -> int:
     """Tasks of the running loop (scrapes are served on it); 0 outside a loop."""
     import asyncio
@@ -108,6 +120,9 @@ class Metrics:
             "mcp_gateway_shadow_decisions", "Shadow policy evaluations by outcome", ["outcome"], registry=self.registry
         )  # outcome: agree | disagree | error
         self.registry.register(_CacheCollector(self))  # type: ignore[arg-type]
+        #: set by the gateway that serves: its policy revision, shadow revision and engine
+        self.policy_info: Callable[[], dict[str, str]] = dict
+        self.registry.register(_PolicyInfo(self))  # type: ignore[arg-type]
         #: set by the gateway: SSE answers being relayed now (each holds an upstream connection)
         self.open_streams: Callable[[], int] = int
         Gauge(

@@ -1,10 +1,12 @@
 """Hot reload: a changed policy bundle or profile replaces the live one only if it is sound.
 
 The bundle and profile files are polled (and SIGHUP asks for a reload). A candidate is
-built in the background: its Rego tests must pass (in a child process) and the whole
-gateway (profile, compiled policy, shadow, verifier) must build. Only then is it swapped
-in, by one assignment, so a request sees either the old or the new gateway, never half
-of each. A broken change leaves the old one serving, is logged and counted. The old
+built in the background from one snapshot of the bundle, read once: its Rego tests run on
+that snapshot (in a child process) and the gateway is built from it, so what was tested is
+exactly what serves (a file changed in between is the next reload's business). Only then is
+it swapped in, by one assignment, so a request sees either the old or the new gateway,
+never half of each. A broken change leaves the old one serving, is logged (with the bundle
+and its revision) and counted. A broken shadow bundle never blocks a live reload. The old
 gateway is closed after a grace period, once requests it started have finished.
 """
 
@@ -19,17 +21,19 @@ from typing import Any
 
 from gateway.config.profiles import profile_path
 from gateway.config.settings import Settings
-from gateway.policy.regotest import run_tests_isolated
 
 log = logging.getLogger(__name__)
 
 
 class Reloader:
-    def __init__(self, state: Any, settings: Settings, build: Callable[..., Any], *, grace: float = 30.0) -> None:
-        """`state.gateway` is the live gateway; `build(settings, previous=...)` makes a new one."""
+    def __init__(self, state: Any, settings: Settings, build: Callable[..., Any], vet: Callable[[Settings], Any], *,
+                 grace: float = 30.0) -> None:
+        """`state.gateway` is the live gateway; `vet(settings)` reads and tests one snapshot
+        (raising when it is refused), `build(settings, previous=..., bundle=...)` makes a gateway of it."""
         self._state = state
         self._settings = settings
         self._build = build
+        self._vet = vet
         self._grace = grace
         self._lock = asyncio.Lock()
         self._pending: set[asyncio.Task[Any]] = set()
@@ -82,21 +86,19 @@ class Reloader:
         async with self._lock:
             current = self._state.gateway
             try:
-                report = await asyncio.to_thread(run_tests_isolated, self._settings.bundle_dir)
-                if report.error:
-                    raise RuntimeError(report.error)
-                if report.failed:
-                    names = ", ".join(r.rule for r in report.failed[:5])
-                    raise RuntimeError(f"{len(report.failed)} Rego test(s) failed: {names}")
-                candidate = self._build(self._settings, previous=current)
+                snapshot, report = await asyncio.to_thread(self._vet, self._settings)
+                candidate = self._build(self._settings, previous=current, bundle=snapshot)
                 await candidate.start()
             except Exception as exc:
                 current.metrics.reloads.labels("failure").inc()
-                log.error("reload (%s) refused; the running policy keeps serving: %s", why, exc)
+                log.error("reload (%s) refused; the running policy (revision %s) keeps serving: %s", why, current.revision, exc)
                 return False
             self._state.gateway = candidate
+            candidate.serve_metrics()
             current.metrics.reloads.labels("success").inc()
-            log.info("reload (%s) done: %d Rego tests passed; the new policy is serving", why, len(report.results))
+            passed = len(report.results) - len(report.failed)
+            log.info("reload (%s) done: revision %s serving (%d of %d Rego tests passed)", why, candidate.revision, passed,
+                     len(report.results))
             retire = asyncio.create_task(self._retire(current))
             self._pending.add(retire)
             retire.add_done_callback(self._pending.discard)

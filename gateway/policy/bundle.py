@@ -7,8 +7,10 @@ does, so one bundle means the same to the embedded engine and to a real OPA.
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +21,42 @@ DATA_SUFFIXES = (".json", ".yaml", ".yml")
 
 @dataclass(frozen=True)
 class Bundle:
+    """One snapshot of a bundle, read once: what is tested is what is built and served."""
+
     root: Path
     modules: dict[str, str]  # relative path → Rego text (tests included)
     data: dict[str, Any]
+    #: the `.manifest`'s `revision`, as OPA's bundles carry it, if the bundle has one
+    manifest_revision: str | None = field(default=None, compare=False)
 
     def policy_modules(self) -> dict[str, str]:
         """Modules that serve requests (Rego unit tests left out)."""
         return {k: v for k, v in self.modules.items() if not k.endswith("_test.rego")}
+
+    @cached_property
+    def digest(self) -> str:
+        """SHA-256 of every module (path and text) and of the data: the snapshot's identity."""
+        h = hashlib.sha256()
+        for name in sorted(self.modules):
+            h.update(name.encode() + b"\0" + self.modules[name].encode() + b"\0")
+        h.update(json.dumps(self.data, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode())
+        return h.hexdigest()
+
+    @property
+    def revision(self) -> str:
+        """What logs, metrics and /readyz call this snapshot: the manifest's revision and the
+        content hash (a manifest revision alone could be left unchanged by an edit)."""
+        short = "sha256:" + self.digest[:16]
+        return f"{self.manifest_revision} ({short})" if self.manifest_revision else short
+
+    def to_json(self) -> str:
+        return json.dumps({"root": str(self.root), "modules": self.modules, "data": self.data,
+                           "manifest_revision": self.manifest_revision})
+
+    @classmethod
+    def from_json(cls, text: str) -> Bundle:
+        raw = json.loads(text)
+        return cls(root=Path(raw["root"]), modules=raw["modules"], data=raw["data"], manifest_revision=raw["manifest_revision"])
 
 
 def _merge(into: dict[str, Any], path: tuple[str, ...], value: Any, where: str) -> None:
@@ -71,6 +102,7 @@ def load_bundle(root: Path, extra_data: tuple[Path, ...] = ()) -> Bundle:
         raise ConfigError(f"policy bundle {root} is not a directory")
     modules: dict[str, str] = {}
     data: dict[str, Any] = {}
+    manifest_revision = _manifest_revision(root / ".manifest")
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root)
         if any(part.startswith(".") for part in rel.parts) or not path.is_file():
@@ -83,7 +115,18 @@ def load_bundle(root: Path, extra_data: tuple[Path, ...] = ()) -> Bundle:
     merge_data_files(extra_data, into=data)
     if not any(not k.endswith("_test.rego") for k in modules):
         raise ConfigError(f"policy bundle {root} has no .rego policy module")
-    return Bundle(root=root, modules=modules, data=data)
+    return Bundle(root=root, modules=modules, data=data, manifest_revision=manifest_revision)
+
+
+def _manifest_revision(path: Path) -> str | None:
+    """OPA's bundle `.manifest` `revision` (a string), if the file is there."""
+    if not path.is_file():
+        return None
+    try:
+        revision = json.loads(path.read_text(encoding="utf-8")).get("revision")
+    except (ValueError, AttributeError):
+        raise ConfigError(f"{path}: not a JSON object (an OPA bundle manifest)") from None
+    return revision if isinstance(revision, str) and revision else None
 
 
 @dataclass(frozen=True)

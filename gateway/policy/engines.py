@@ -76,10 +76,3 @@ def with_decision_cache(engine: PolicyEngine, settings: Settings, bundle: Bundle
 
 def load_live_bundle(settings: Settings) -> Bundle:
     return load_bundle(settings.bundle_dir, settings.data_files)
-
-
-def build_shadow_engine(settings: Settings) -> EmbeddedEngine | None:
-    """The shadow bundle (with the same extra data files), or None when none is configured."""
-    if settings.shadow_dir is None:
-        return None
-    return EmbeddedEngine(load_bundle(settings.shadow_dir, settings.data_files), settings.config.policy.entrypoint)

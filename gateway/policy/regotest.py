@@ -94,19 +94,48 @@ def run_tests_in(path: Path) -> TestReport:
     return run_tests(bundle)
 
 
-def run_tests_isolated(path: Path, timeout: float = 120.0) -> TestReport:
-    """Run the tests in a child process, so an engine crash is a report, not our death.
+def _verdict_cache(bundle: Bundle) -> Path:
+    """Where the report for this exact snapshot is kept (`$XDG_CACHE_HOME/mcp-authz-gateway/
+    tests/`): keyed by the bundle's content hash and the engine's version, so a bundle's tests
+    run once per machine (regopy needs seconds for the shipped ones) and never for a stale copy."""
+    import os
+    from importlib.metadata import version
+
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "mcp-authz-gateway" / "tests" / f"{bundle.digest}-regopy-{version('regopy')}.json"
+
+
+def run_tests_isolated(source: Path | Bundle, timeout: float = 120.0) -> TestReport:
+    """Run the tests of a snapshot (or of the bundle at a path, read now) in a child process,
+    so an engine crash is a report, not our death.
 
     regopy 1.5.2 aborts the whole process on some test shapes (see docs/policy.md);
-    `check`, `policy test` and reloads must survive that and say what happened.
+    `check`, `policy test`, start-up and reloads must survive that and say what happened. The
+    child gets the snapshot itself, not a path: what was tested is what gets built. A complete
+    report is remembered by the snapshot's content hash.
     """
     import json
+    import os
     import subprocess
     import sys
 
+    if isinstance(source, Bundle):
+        bundle = source
+    else:
+        try:
+            bundle = load_bundle(source)
+        except Exception as exc:
+            return TestReport(results=(), error=str(exc))
+    cached = _verdict_cache(bundle)
+    try:
+        data = json.loads(cached.read_text())
+        return TestReport(results=tuple(TestResult(**r) for r in data["results"]), error=None)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "gateway.policy.regotest", str(path)],
+            [sys.executable, "-m", "gateway.policy.regotest", "-"],
+            input=bundle.to_json(),
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -118,11 +147,21 @@ def run_tests_isolated(path: Path, timeout: float = 120.0) -> TestReport:
         how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
         return TestReport(
             results=(),
-            error=f"the Rego engine crashed while running the tests ({how}); "
-            "a known regopy trap is `with input as X` replacing the whole input: override input.<key> instead",
+            error=f"the embedded Rego engine (regopy) crashed on this bundle ({how}), which a real OPA may well accept; "
+            "known regopy traps: `with input as X` replacing the whole input (override input.<key> instead), and two "
+            "packages defining functions of the same name with different arities",
         )
     data = json.loads(last[0])
-    return TestReport(results=tuple(TestResult(**r) for r in data["results"]), error=data["error"])
+    report = TestReport(results=tuple(TestResult(**r) for r in data["results"]), error=data["error"])
+    if report.error is None:
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(last[0])
+            tmp.replace(cached)
+        except OSError:
+            pass  # a read-only home: the tests just run again next time
+    return report
 
 
 def _child_main(argv: list[str]) -> int:
@@ -134,7 +173,7 @@ def _child_main(argv: list[str]) -> int:
     # regopy prints compile errors on stdout: keep our one JSON line apart from them
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
-    report = run_tests_in(Path(argv[0]))
+    report = run_tests(Bundle.from_json(sys.stdin.read())) if argv[0] == "-" else run_tests_in(Path(argv[0]))
     out.write(json.dumps({"results": [dataclasses.asdict(r) for r in report.results], "error": report.error}) + "\n")
     out.flush()
     sys.stdout.flush()
