@@ -17,6 +17,8 @@ from typing import Any
 from gateway.config.yamlfile import ConfigError, load_yaml
 
 DATA_SUFFIXES = (".json", ".yaml", ".yml")
+#: what data.authz may hold (published beside the code; docs/policy.md documents it)
+AUTHZ_SCHEMA = Path(__file__).with_name("authz.schema.json")
 
 
 @dataclass(frozen=True)
@@ -85,14 +87,38 @@ def _read_data(path: Path, rel: str) -> Any:
     return load_yaml(path)
 
 
-def merge_data_files(files: tuple[Path, ...], into: dict[str, Any] | None = None) -> dict[str, Any]:
+def merge_data_files(files: tuple[Path, ...], into: dict[str, Any] | None = None,
+                     sources: list[str] | None = None) -> dict[str, Any]:
     """Data files merged at the data root (of `into`, or of a new dict), as `opa run BUNDLE
-    FILE...` merges them; a key defined twice is a ConfigError naming the file."""
+    FILE...` merges them; a key defined twice is a ConfigError naming the file. The result's
+    `authz` is checked against its schema (`sources`: the bundle files that also fed it)."""
     data: dict[str, Any] = {} if into is None else into
+    sources = list(sources or [])
     for path in files:
         value = _read_data(path, str(path))
+        if isinstance(value, dict) and "authz" in value:
+            sources.append(str(path))
         _merge(data, (), value if value is not None else {}, str(path))
+    check_authz(data, sources)
     return data
+
+
+def check_authz(data: dict[str, Any], sources: list[str]) -> None:
+    """Refuse `data.authz` that does not match its schema, like a syntax error: a rule the
+    policy would misread (`scopes: notes.write`, a string) or ignore (`groups:` on an entry)
+    must not silently drop a requirement. Every problem is named `file: authz.path: message`."""
+    if "authz" not in data:
+        return
+    from jsonschema import Draft202012Validator
+
+    validator = Draft202012Validator(json.loads(AUTHZ_SCHEMA.read_text(encoding="utf-8")))
+    problems = sorted(validator.iter_errors(data["authz"]), key=lambda e: [str(p) for p in e.absolute_path])
+    if problems:
+        where = ", ".join(sources) or "policy data"
+        raise ConfigError("\n".join(
+            f"{where}: authz{''.join(f'.{p}' if isinstance(p, str) else f'[{p}]' for p in e.absolute_path)}: {e.message}"
+            for e in problems
+        ))
 
 
 def load_bundle(root: Path, extra_data: tuple[Path, ...] = ()) -> Bundle:
@@ -102,6 +128,7 @@ def load_bundle(root: Path, extra_data: tuple[Path, ...] = ()) -> Bundle:
         raise ConfigError(f"policy bundle {root} is not a directory")
     modules: dict[str, str] = {}
     data: dict[str, Any] = {}
+    authz_sources: list[str] = []
     manifest_revision = _manifest_revision(root / ".manifest")
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root)
@@ -111,8 +138,10 @@ def load_bundle(root: Path, extra_data: tuple[Path, ...] = ()) -> Bundle:
             modules[str(rel)] = path.read_text(encoding="utf-8")
         elif path.suffix in DATA_SUFFIXES:
             value = _read_data(path, str(rel))
+            if rel.parent.parts[:1] == ("authz",) or (not rel.parent.parts and isinstance(value, dict) and "authz" in value):
+                authz_sources.append(str(path))
             _merge(data, rel.parent.parts, value if value is not None else {}, str(rel))
-    merge_data_files(extra_data, into=data)
+    merge_data_files(extra_data, into=data, sources=authz_sources)
     if not any(not k.endswith("_test.rego") for k in modules):
         raise ConfigError(f"policy bundle {root} has no .rego policy module")
     return Bundle(root=root, modules=modules, data=data, manifest_revision=manifest_revision)

@@ -144,3 +144,40 @@ def test_revisions_in_readyz_metrics_and_every_decision_line(gateways: Any, issu
     assert line["bundles"] == {"live": {"revision": revision}}
     info = [line for line in httpx.get(gw.base + "/metrics").text.splitlines() if line.startswith("mcp_gateway_policy_info{")]
     assert len(info) == 1 and f'revision="{revision}"' in info[0] and info[0].endswith(" 1.0")
+
+
+@pytest.mark.parametrize(("authz", "message"), [
+    ({"tools": {"create_note": {"scopes": "notes.write"}}}, "authz.tools.create_note.scopes: 'notes.write' is not of type 'array'"),
+    ({"tools": {"purge_*": {"scopes": ["notes.admin"], "groups": ["admins"]}}},
+     "authz.tools.purge_*: Additional properties are not allowed ('groups' was unexpected)"),
+    ({"tools": {"tag_note": {"arguments": {"tag": {"one_off": ["red"]}}}}},
+     "authz.tools.tag_note.arguments.tag: Additional properties are not allowed ('one_off' was unexpected)"),
+    ({"unlisted": "denny"}, "authz.unlisted: 'denny' is not one of ['deny', 'allow']"),
+    ({"tool": {"list_notes": {"scopes": []}}}, "authz: Additional properties are not allowed ('tool' was unexpected)"),
+])
+def test_per_tool_data_with_a_typo_is_refused_by_check_start_up_and_reload(tmp_path: Path, issuer: Any, authz: dict[str, Any],
+                                                                          message: str) -> None:
+    """Item 4: a typo in data.authz silently dropped a requirement (fail open); now `check`
+    and start-up stop with file: key: message."""
+    data = tmp_path / "authz.yaml"
+    data.write_text(yaml.safe_dump({"authz": authz}))
+    settings_for(tmp_path, issuer, ROOT / "policies", policy={"bundle": str(ROOT / "policies"), "data": [str(data)]})
+    for command in ("check", "serve"):
+        run = subprocess.run([sys.executable, "-m", "gateway.cli", command, "--config", str(tmp_path / "gateway.yaml")], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2, run.stdout + run.stderr
+        assert f"{data}: {message}" in run.stderr
+
+
+async def test_a_reload_with_invalid_per_tool_data_is_refused(tmp_path: Path, issuer: Any) -> None:
+    data = tmp_path / "authz.yaml"
+    data.write_text(yaml.safe_dump({"authz": {"tools": {"list_notes": {"scopes": ["notes.read"]}}}}))
+    settings = settings_for(tmp_path, issuer, ROOT / "policies", policy={"bundle": str(ROOT / "policies"), "data": [str(data)],
+                                                                         "engine": "regopy"})
+    first, _ = vetted_snapshot(settings)
+    state = SimpleNamespace(gateway=Gateway.build(settings, bundle=first))
+    data.write_text(yaml.safe_dump({"authz": {"tools": {"list_notes": {"scopes": "notes.read"}}}}))
+    reloader = Reloader(state, settings, Gateway.build, vetted_snapshot, grace=0)
+    assert not await reloader.reload("test")
+    assert state.gateway.revision == first.revision
+    await reloader.aclose()
