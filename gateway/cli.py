@@ -133,6 +133,23 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
     return report.exit_code
 
 
+def cmd_policy_replay(args: argparse.Namespace) -> int:
+    from gateway.ops.replay import replay_sync
+    from gateway.policy.bundle import load_bundle
+    from gateway.policy.engines import standalone_engine
+
+    try:
+        bundle = load_bundle(Path(args.bundle), tuple(Path(d) for d in args.data))
+        engine = standalone_engine(bundle, args.entrypoint)
+        report = replay_sync(Path(args.log), engine)
+    except (ConfigError, PolicyError, OSError) as exc:
+        return _fail(str(exc))
+    print(report.render(bundle))
+    if report.changed and not args.allow_changes:
+        return 3
+    return 0
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     import asyncio
     import json
@@ -194,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     ptest.add_argument("path", nargs="?", help="bundle directory (default: the shipped policies)")
     ptest.add_argument("-v", "--verbose", action="store_true", help="also list passing tests")
     ptest.set_defaults(func=cmd_policy_test)
+    preplay = policy_sub.add_parser("replay", help="decide a decision log's inputs again with a candidate bundle; report what changes")
+    preplay.add_argument("--log", required=True, help="a decision log (decision_log: FILE), JSON lines")
+    preplay.add_argument("--bundle", required=True, help="the candidate bundle directory")
+    preplay.add_argument("--data", action="append", default=[], help="extra data files, as policy.data (repeatable)")
+    preplay.add_argument("--entrypoint", default="mcp/gateway/decision")
+    preplay.add_argument("--allow-changes", action="store_true", help="exit 0 even when decisions change (default: 3)")
+    preplay.set_defaults(func=cmd_policy_replay)
     return parser
 
 

@@ -52,6 +52,16 @@ def build_local_engine(settings: Settings, bundle: Bundle) -> PolicyEngine:
     return EmbeddedEngine(bundle, policy.entrypoint)
 
 
+def standalone_engine(bundle: Bundle, entrypoint: str) -> PolicyEngine:
+    """An in-process engine for tools that have no gateway.yaml (replay): WebAssembly when a
+    module can be had, else regopy."""
+    try:
+        wasm, _ = wasm_for(bundle, entrypoint)
+        return WasmEngine(WasmPolicy(wasm, bundle.data, entrypoint), entrypoint, timeout=5.0, workers=1, inline_max_bytes=4_096)
+    except (WasmUnavailable, PolicyError):
+        return EmbeddedEngine(bundle, entrypoint)
+
+
 def with_decision_cache(engine: PolicyEngine, settings: Settings, bundle: Bundle) -> PolicyEngine:
     """Wrap `engine` in the decision cache when the config and the policy's declaration allow.
 

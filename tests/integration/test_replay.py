@@ -1,0 +1,49 @@
+"""`policy replay`: yesterday's decision log decided again by a candidate bundle, before it ships."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import ROOT, make_profile
+from tests.integration.test_gateway_e2e import LIST, post
+from tests.integration.test_reload import wait_for, write_v2
+
+CALL = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "list_notes", "arguments": {}}}
+
+
+def replay(log: Path, bundle: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway.cli", "policy", "replay", "--log", str(log), "--bundle", str(bundle), *extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_replay_reports_what_a_candidate_changes(gateways: Any, issuer: Any, json_upstream: Any, tmp_path: Path) -> None:
+    log = tmp_path / "decisions.jsonl"
+    gw = gateways.start(profile=make_profile(issuer), upstream_url=json_upstream.url, config={"decision_log": str(log)})
+    token = issuer.mint(aud=gw.resource)
+    for _ in range(3):
+        assert post(gw.mcp_url, token, LIST).status_code == 200
+    assert post(gw.mcp_url, token, CALL).status_code == 200
+    assert post(gw.mcp_url, None, LIST).status_code == 401  # refused before the policy: nothing to replay
+    assert wait_for(lambda: log.exists() and len(log.read_text().splitlines()) == 5)
+
+    same = replay(log, ROOT / "policies")
+    assert same.returncode == 0, same.stdout + same.stderr
+    assert "replayed 4 decisions" in same.stdout and "skipped 1 refused before the policy ran" in same.stdout
+    assert "unchanged: 4" in same.stdout and "changed: 0" in same.stdout
+
+    candidate = tmp_path / "candidate"
+    shutil.copytree(ROOT / "policies", candidate)
+    write_v2(candidate)  # refuses tools/list
+    changed = replay(log, candidate)
+    assert changed.returncode == 3, changed.stdout + changed.stderr
+    assert "changed: 3" in changed.stdout and "unchanged: 1" in changed.stdout
+    listing_ids = [json.loads(line)["decision_id"] for line in log.read_text().splitlines()[:3]]
+    change = next(line for line in changed.stdout.splitlines() if "->" in line)
+    assert "accept/allowed -> reject/lists_frozen  method=tools/list  3" in change
+    assert listing_ids[0] in change
+    assert replay(log, candidate, "--allow-changes").returncode == 0
