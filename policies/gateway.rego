@@ -19,10 +19,16 @@ decision := reject(problem, 401) if {
 	invalid_tool_name
 } else := reject(problem, 403) if {
 	problem := catalogue_problem
+} else := reject(problem, 403) if {
+	problem := client_problem
+} else := reject(problem, 403) if {
+	problem := claim_problem
 } else := step_up if {
 	count(missing) > 0
 } else := reject(problem, 403) if {
 	problem := argument_problem
+} else := reject(problem, 403) if {
+	problem := custom_problem
 } else := with_listing(allow)
 
 allow := {"action": "accept", "reason": "allowed"} if {

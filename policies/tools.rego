@@ -80,7 +80,87 @@ missing_scopes(catalogue, name) := {scope |
 usable(catalogue, name) if {
 	not unlisted(catalogue, name)
 	count(missing_scopes(catalogue, name)) == 0
+	not client_refused(catalogue, name)
+	count(failing_claims(requirements(catalogue, name))) == 0
 }
+
+# --- Who may use a name: the calling client, the caller's claims --------------
+
+# `clients.<client id>.<catalogue>`: the only names (exact or glob) that client may use in
+# that catalogue; a client not listed is not limited here. The client is the token's
+# client_id (azp or client_id).
+client_refused(catalogue, name) if {
+	allowed := authz.clients[input.token.client_id][catalogue]
+	not any_matches(allowed, name)
+}
+
+client_refused(catalogue, _) if {
+	limits := authz.clients[input.token.client_id]
+	is_object(limits)
+	not limits[catalogue]
+}
+
+any_matches(patterns, name) if {
+	some pattern in patterns
+	name_matches(pattern, name)
+}
+
+client_problem := "client_not_allowed" if {
+	some t in targets
+	client_refused(t.catalogue, t.name)
+}
+
+# `claims.<claim>` on an entry: conditions on the caller's token, all of which must hold
+# (contains: a list claim holds the value, or a string claim equals it; one_of / not_one_of:
+# the claim's value is / is not in the list). An unknown condition fails (closed).
+known_claim_checks := {"contains", "one_of", "not_one_of"}
+
+failing_claims(entries) := {claim |
+	some req in entries
+	conditions := object.get(req, "claims", {})[claim]
+	not claim_ok(conditions, object.get(input.token.claims, claim, null))
+}
+
+claim_ok(conditions, value) if {
+	every check in object.keys(conditions) {
+		known_claim_checks[check]
+		claim_check_ok(check, conditions[check], value)
+	}
+}
+
+claim_check_ok("contains", want, value) if {
+	is_array(value)
+	some item in value
+	item == want
+}
+
+claim_check_ok("contains", want, value) if value == want
+
+claim_check_ok("one_of", want, value) if {
+	value != null
+	some allowed in want
+	allowed == value
+}
+
+claim_check_ok("not_one_of", refused, value) if {
+	every r in refused {
+		r != value
+	}
+}
+
+claim_problem := concat("", ["claim_not_allowed: ", min(claims)]) if {
+	claims := {claim | some entries in target_entries; some claim in failing_claims(entries)}
+	count(claims) > 0
+}
+
+# --- A team's own rules, without editing these files ------------------------
+
+# A package `mcp.custom` beside the shipped files may define `deny`, a set of reasons
+# (strings); any reason refuses the request (403, the smallest reason named). It reads the
+# same input (and data) as this policy.
+custom_problem := min(custom_reasons) if count(custom_reasons) > 0
+
+custom_reasons := {reason | some reason in data.mcp.custom.deny; is_string(reason)}
 
 # --- The request's problems, in the order the decision checks them ----------
 
@@ -126,7 +206,7 @@ failing_arguments contains name if {
 
 argument_problem := concat("", ["argument_not_allowed: ", min(failing_arguments)]) if count(failing_arguments) > 0
 
-known_checks := {"optional", "prefix", "one_of", "owned_by", "max_length"}
+known_checks := {"optional", "prefix", "one_of", "owned_by", "max_length", "not_contains", "pattern"}
 
 argument_ok(checks, null) if checks.optional == true
 
@@ -168,6 +248,19 @@ check_ok("owned_by", collection, value) if {
 check_ok("max_length", limit, value) if {
 	is_string(value)
 	count(value) <= limit
+}
+
+# A string that does not contain the text, whatever the letter case.
+check_ok("not_contains", text, value) if {
+	is_string(value)
+	not contains(lower(value), lower(text))
+}
+
+# A string the whole of which matches the regular expression (RE2: linear time, whatever
+# the value; anchored here, so `[a-z]+` means the whole value).
+check_ok("pattern", expression, value) if {
+	is_string(value)
+	regex.match(concat("", ["^(?:", expression, ")$"]), value)
 }
 
 owner_key(value) := value if is_string(value)

@@ -184,3 +184,58 @@ test_every_missing_scope_is_named_in_one_step_up if {
 }
 
 test_an_implied_scope_is_not_asked_for_again if call("archive_note", {}, ["notes.admin"]).scopes == ["archive.write"]
+
+# --- A team's rules as data (examples/team-rules.yaml) ------------------------
+
+team_authz(_) := {
+	"tools": {
+		"list_notes": {"scopes": ["notes.read"]},
+		"read_*": {"scopes": ["notes.read"]},
+		"create_note": {"scopes": ["notes.write"], "arguments": {"title": {"not_contains": "password", "pattern": "[A-Za-z0-9 ._-]{1,80}"}}},
+		"purge_*": {"scopes": ["notes.write"], "claims": {"groups": {"contains": "notes-admins"}}},
+	},
+	"clients": {"untrusted-agent": {"tools": ["list_notes", "read_*"]}},
+}
+
+team_token(client, groups) := {
+	"audiences": ["mcp-client"], "claims": {"groups": groups, "azp": client}, "client_id": client,
+	"scopes": ["notes.read", "notes.write"], "subject": "alice",
+}
+
+team_call(tool, args, client, groups) := d if {
+	d := gateway.decision with data.authz as team_authz(0)
+		with input.token as team_token(client, groups)
+		with input.profile as open_profile(0)
+		with input.mcp as {"kind": "request", "method": "tools/call", "tool": tool, "arguments": args}
+		with input.request as {"method": "POST"}
+}
+
+test_only_admins_purge if {
+	team_call("purge_all", {}, "mcp-client", ["notes-admins", "staff"]).action == "accept"
+	team_call("purge_all", {}, "mcp-client", ["staff"]).reason == "claim_not_allowed: groups"
+	team_call("purge_all", {}, "mcp-client", null).reason == "claim_not_allowed: groups"
+}
+
+test_no_password_in_a_title if {
+	team_call("create_note", {"title": "shopping list"}, "mcp-client", []).action == "accept"
+	team_call("create_note", {"title": "my PassWord is x"}, "mcp-client", []).reason == "argument_not_allowed: title"
+	team_call("create_note", {"title": "semi;colon"}, "mcp-client", []).reason == "argument_not_allowed: title"
+}
+
+test_the_untrusted_agent_only_reads if {
+	team_call("read_note", {}, "untrusted-agent", []).action == "accept"
+	team_call("create_note", {"title": "x"}, "untrusted-agent", []).reason == "client_not_allowed"
+	d := gateway.decision with data.authz as team_authz(0)
+		with input.token as team_token("untrusted-agent", [])
+		with input.profile as open_profile(0)
+		with input.mcp as {"kind": "request", "method": "tools/list"}
+		with input.request as {"method": "POST"}
+		with input.listing as {"catalogue": "tools", "names": ["list_notes", "read_note", "create_note", "purge_all"]}
+	d.visible == ["list_notes", "read_note"]
+}
+
+test_a_teams_own_deny_rule_refuses if {
+	d := team_call("read_note", {}, "mcp-client", []) with data.mcp.custom.deny as {"maintenance_window"}
+	d.reason == "maintenance_window"
+	d.status == 403
+}

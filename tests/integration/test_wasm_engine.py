@@ -196,3 +196,39 @@ async def test_multi_wildcard_patterns_are_decided_in_linear_time(tmp_path: Path
                        "resource_uri": name if catalogue == "resources" else None, "targets": [{"catalogue": catalogue, "name": name}]}
         assert (await engine.decide(case)).reason == reason
     await engine.aclose()
+
+
+TEAM_DATA = ROOT / "examples" / "team-rules.yaml"
+
+
+def team_case(tool: str, arguments: dict[str, Any], client: str, groups: Any) -> dict[str, Any]:
+    case = policy_input(token("mcp-client", scope="notes.read notes.write"), profile(RULES["A_strict"]), tool=tool)
+    case["mcp"] = {**case["mcp"], "arguments": arguments}
+    case["token"] = {**case["token"], "client_id": client, "claims": {**case["token"]["claims"], "azp": client, "groups": groups}}
+    return case
+
+
+async def test_a_teams_rules_as_data_decide_alike_in_every_engine(tmp_path: Path) -> None:
+    """The shipped example of rules without Rego (claims, not_contains, pattern, clients):
+    WebAssembly, regopy and a real OPA give the same decisions."""
+    cases = [
+        (team_case("purge_all", {}, "mcp-client", ["notes-admins"]), "allowed"),
+        (team_case("purge_all", {}, "mcp-client", ["staff"]), "claim_not_allowed: groups"),
+        (team_case("create_note", {"title": "a PASSWORD note"}, "mcp-client", []), "argument_not_allowed: title"),
+        (team_case("create_note", {"title": "groceries"}, "mcp-client", []), "allowed"),
+        (team_case("create_note", {"title": "groceries"}, "untrusted-agent", []), "client_not_allowed"),
+        (team_case("read_note", {}, "untrusted-agent", []), "allowed"),
+    ]
+    opa = start_opa(ROOT / "policies", tmp_path, TEAM_DATA)
+    wasm, regopy = wasm_engine(TEAM_DATA), EmbeddedEngine(load_bundle(ROOT / "policies", (TEAM_DATA,)), ENTRY)
+    remote = OpaEngine(opa.url, ENTRY, timeout=5)
+    await remote.start()
+    try:
+        for case, expected in cases:
+            ours, theirs, old = (await wasm.decide(case)).as_dict(), (await remote.decide(case)).as_dict(), (await regopy.decide(case)).as_dict()
+            assert ours == theirs == old, (case["mcp"], ours, theirs, old)
+            assert ours["reason"] == expected, (case["mcp"], ours)
+    finally:
+        await remote.aclose()
+        await wasm.aclose()
+        opa.stop()
