@@ -109,7 +109,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"policy ok: {settings.bundle_dir} compiles, revision {bundle.revision}, entrypoint {cfg.policy.entrypoint}")
     report = run_tests_isolated(bundle)
     print_report(report)
-    code = report.exit_code
+    agrees = _opa_agrees(report, settings.bundle_dir, settings.data_files)
+    code = report.exit_code or agrees
     if settings.shadow_dir is not None:
         try:
             shadow = load_bundle(settings.shadow_dir, settings.data_files)
@@ -124,13 +125,40 @@ def cmd_check(args: argparse.Namespace) -> int:
     return code
 
 
+def _opa_agrees(report: TestReport, path: Path, data_files: tuple[Path, ...] = ()) -> int:
+    """Where a real OPA is at hand, it judges the tests too: 0 it agrees (or is absent), 1 not."""
+    from gateway.policy.regotest import opa_disagreements
+
+    disagreements = opa_disagreements(report, path, data_files)
+    if disagreements is None:
+        return 0
+    for line in disagreements:
+        print(f"DISAGREE: {line}")
+    print("opa test: agrees" if not disagreements else f"opa test: {len(disagreements)} disagreement(s)")
+    return 1 if disagreements else 0
+
+
 def cmd_policy_test(args: argparse.Namespace) -> int:
     from gateway.config.bundled import bundled_dir
+    from gateway.policy.bundle import load_bundle
 
     path = Path(args.path) if args.path else bundled_dir("policies")
-    report = run_tests_isolated(path)
+    data_files = tuple(Path(d) for d in args.data)
+    try:
+        bundle = load_bundle(path, data_files)
+    except (ConfigError, PolicyError) as exc:
+        return _fail(str(exc))
+    report = run_tests_isolated(bundle)
     print_report(report, verbose=args.verbose)
-    return report.exit_code
+    agrees = _opa_agrees(report, path, data_files)  # also where the embedded engine failed: what does OPA say?
+    if args.coverage:
+        from gateway.policy.regotest import opa_coverage
+
+        try:
+            print(opa_coverage(path, data_files))
+        except PolicyError as exc:
+            return _fail(str(exc))
+    return report.exit_code or agrees
 
 
 def cmd_policy_replay(args: argparse.Namespace) -> int:
@@ -154,12 +182,19 @@ def cmd_explain(args: argparse.Namespace) -> int:
     import asyncio
     import json
 
-    from gateway.explain import explain, mcp_body
+    from gateway.explain import explain, explain_logged, logged_entry, mcp_body
 
     try:
         settings = load_config(resolve_config_path(args.config))
-        body = mcp_body(args.request, args.tool, args.args)
-        text, code = asyncio.run(explain(settings, raw_token=args.token, claims_file=args.claims, body=body))
+        if args.decision_id or args.input:
+            if args.decision_id and not args.log:
+                raise ValueError("--decision-id needs --log FILE (the decision log)")
+            entry = logged_entry(Path(args.log), args.decision_id) if args.decision_id else {
+                "input": json.loads(Path(args.input).read_text())}
+            text, code = asyncio.run(explain_logged(settings, entry))
+        else:
+            body = mcp_body(args.request, args.tool, args.args)
+            text, code = asyncio.run(explain(settings, raw_token=args.token, claims_file=args.claims, body=body))
     except (ConfigError, PolicyError, ValueError, OSError, json.JSONDecodeError) as exc:
         return _fail(str(exc))
     print(text)
@@ -194,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     who = explain.add_mutually_exclusive_group(required=True)
     who.add_argument("--token", help="a bearer token (verified as the gateway would; shown redacted)")
     who.add_argument("--claims", help="a JSON file of claims, taken as verified")
+    who.add_argument("--decision-id", help="a logged decision (with --log): its input decided again with this bundle")
+    who.add_argument("--input", help="a policy input (JSON file) decided with this bundle")
+    explain.add_argument("--log", help="the decision log holding --decision-id")
     explain.add_argument("--request", help="the JSON-RPC request, or @FILE")
     explain.add_argument("--tool", help="shorthand for a tools/call of this tool")
     explain.add_argument("--args", help="the tool's arguments as JSON (with --tool)")
@@ -210,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     ptest = policy_sub.add_parser("test", help="run a bundle's Rego test_* rules with the embedded engine")
     ptest.add_argument("path", nargs="?", help="bundle directory (default: the shipped policies)")
     ptest.add_argument("-v", "--verbose", action="store_true", help="also list passing tests")
+    ptest.add_argument("--data", action="append", default=[], help="data files to test with, as policy.data (repeatable)")
+    ptest.add_argument("--coverage", action="store_true", help="also the lines the tests reach (needs a real OPA)")
     ptest.set_defaults(func=cmd_policy_test)
     preplay = policy_sub.add_parser("replay", help="decide a decision log's inputs again with a candidate bundle; report what changes")
     preplay.add_argument("--log", required=True, help="a decision log (decision_log: FILE), JSON lines")

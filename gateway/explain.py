@@ -1,8 +1,11 @@
-"""`mcp-authz-gateway explain`: what the gateway would decide for a token and an MCP request.
+"""`mcp-authz-gateway explain`: what the gateway would decide for a token and an MCP request,
+or for a decision it logged.
 
-It builds the same policy input as the request path, asks the configured engine, and
-says what the gateway would do. Nothing is sent upstream and no exchange happens; a
-real token is verified as the gateway would (that may fetch the issuer's keys).
+It builds the same policy input as the request path (or takes the one a decision-log line
+holds: `--decision-id ID --log FILE`, `--input FILE`), asks the configured engine, and says
+what the gateway would do, which of the default policy's checks decided, and whether that
+differs from what was logged. Nothing is sent upstream and no exchange happens; a real
+token is verified as the gateway would (that may fetch the issuer's keys).
 """
 
 from __future__ import annotations
@@ -18,9 +21,14 @@ from gateway.auth.tokens import TokenError, VerifiedToken, normalise_claims, tok
 from gateway.config.profiles import Profile, load_profile
 from gateway.config.settings import Settings
 from gateway.mcp.messages import McpInputError, parse_post
-from gateway.policy.decision import Action, Decision
-from gateway.policy.engines import build_engine
+from gateway.policy.decision import Action, Decision, PolicyError
+from gateway.policy.embedded import EmbeddedEngine
+from gateway.policy.engines import build_engine, load_live_bundle
 from gateway.policy.input import build_input
+
+#: the default policy's checks, in the order its decision applies them (docs/policy.md)
+CHECKS = ("audience_problem", "known_request", "known_method", "invalid_tool_name", "targets", "catalogue_problem",
+          "client_problem", "claim_problem", "missing", "argument_problem", "custom_problem")
 
 
 def redact(raw: str) -> str:
@@ -109,3 +117,69 @@ async def explain(settings: Settings, *, raw_token: str | None, claims_file: str
     ]
     return "\n".join(lines), 0 if decision.action is not Action.REJECT else 1
 
+
+
+def logged_entry(log_file: Path, decision_id: str) -> dict[str, Any]:
+    """The decision-log line with this id; ValueError if none."""
+    with log_file.open(encoding="utf-8") as lines:
+        for line in lines:
+            if decision_id in line:
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                if entry.get("decision_id") == decision_id:
+                    return entry
+    raise ValueError(f"no decision {decision_id} in {log_file}")
+
+
+def trace(settings: Settings, policy_input: dict[str, Any]) -> list[str]:
+    """Each check of the default policy with its value for this input (the rules that
+    decided), as `opa eval --explain` would point at them; a check a custom bundle does not
+    have is left out."""
+    package = "data." + settings.config.policy.entrypoint.rsplit("/", 1)[0].replace("/", ".")
+    engine = EmbeddedEngine(load_live_bundle(settings), settings.config.policy.entrypoint)
+    engine.evaluate(policy_input)  # sets the input (and raises the real error, if any)
+    lines = []
+    for check in CHECKS:
+        value = engine.value_of(f"{package}.{check}")
+        if value is not None:
+            lines.append(f"  {check} = {json.dumps(value, ensure_ascii=False)}")
+    return lines
+
+
+async def explain_logged(settings: Settings, entry: dict[str, Any]) -> tuple[str, int]:
+    """A logged decision decided again with the configured bundle: (report, exit code) —
+    0 the same decision, 1 it differs, 2 it cannot be replayed."""
+    did = entry.get("decision_id", "(from an input file)")
+    policy_input = entry.get("input")
+    if not isinstance(policy_input, dict):
+        result = entry.get("result") or {}
+        return (f"decision {did}: refused before the policy ran (stage {entry.get('stage')}, "
+                f"{result.get('reason')}, status {entry.get('status')}): nothing to explain"), 2
+    if entry.get("input_truncated"):
+        return f"decision {did}: the log cut its input to its size limit ({entry['input_truncated']}): not the input judged", 2
+    lines = [f"decision {did}" + (f", logged by revision {entry['bundles']['live']['revision']}" if entry.get("bundles") else "")]
+    engine = build_engine(settings)
+    try:
+        await engine.start()
+        decision = (await engine.decide(policy_input)).as_dict()
+    except PolicyError as exc:
+        decision = {"action": "error", "reason": exc.reason}
+        lines.append(f"evaluation error: {exc}")
+    finally:
+        await engine.aclose()
+    lines += [f"engine: {engine.name} ({settings.config.policy.entrypoint}), bundle {settings.bundle_dir}",
+              "policy input:", json.dumps(policy_input, indent=2, ensure_ascii=False), "checks, in the decision's order:"]
+    try:
+        lines += trace(settings, policy_input)
+    except PolicyError as exc:
+        lines.append(f"  (no trace: {exc})")
+    logged = entry.get("result")
+    lines += ["decision now: " + json.dumps(decision, ensure_ascii=False)]
+    if logged is None:
+        return "\n".join(lines), 0
+    lines.append("logged:       " + json.dumps(logged, ensure_ascii=False))
+    same = all(decision.get(k) == logged.get(k) for k in ("action", "reason", "status", "scopes", "visible"))
+    lines.append("the same decision as logged" if same else "DIFFERS from the logged decision")
+    return "\n".join(lines), 0 if same else 1

@@ -239,3 +239,28 @@ test_a_teams_own_deny_rule_refuses if {
 	d.reason == "maintenance_window"
 	d.status == 403
 }
+
+test_claim_one_of_and_not_one_of if {
+	rules := {"tools": {"read_*": {"claims": {"azp": {"one_of": ["web", "cli"]}, "acr": {"not_one_of": ["weak"]}}}}}
+	allowed := gateway.decision with data.authz as rules
+		with input.token as team_token("cli", [])
+		with input.profile as open_profile(0)
+		with input.mcp as {"kind": "request", "method": "tools/call", "tool": "read_note"}
+		with input.request as {"method": "POST"}
+	allowed.action == "accept"
+	other := gateway.decision with data.authz as rules
+		with input.token as team_token("agent", [])
+		with input.profile as open_profile(0)
+		with input.mcp as {"kind": "request", "method": "tools/call", "tool": "read_note"}
+		with input.request as {"method": "POST"}
+	other.reason == "claim_not_allowed: azp"
+}
+
+test_a_limited_clients_other_catalogues_are_closed if {
+	d := gateway.decision with data.authz as team_authz(0)
+		with input.token as team_token("untrusted-agent", [])
+		with input.profile as open_profile(0)
+		with input.mcp as {"kind": "request", "method": "prompts/get", "prompt": "summarize"}
+		with input.request as {"method": "POST"}
+	d.reason == "client_not_allowed"
+}

@@ -79,11 +79,74 @@ def run_tests(bundle: Bundle) -> TestReport:
             value = first_value(output)
             passed, detail = value is True, "" if value is True else f"evaluated to {value!r}"
         except PolicyError as exc:
-            passed, detail = False, str(exc)
+            undefined = "undefined" in str(exc)
+            passed, detail = False, "its body did not hold (the test rule is undefined)" if undefined else str(exc)
         except Exception as exc:
             passed, detail = False, f"{type(exc).__name__}: {exc}"
         results.append(TestResult(module=module, rule=ref, passed=passed, detail=detail))
     return TestReport(results=tuple(results))
+
+
+def opa_disagreements(report: TestReport, path: Path, data_files: tuple[Path, ...] = ()) -> list[str] | None:
+    """Where a real OPA (`$OPA_BIN` or `opa` on the PATH) judges the bundle's tests otherwise
+    than the embedded engine: one line per test, with OPA's file:line; None without OPA.
+    The embedded engine is not OPA: it has crashed on valid bundles and accepted unsafe
+    variables `opa check` rejects, so where OPA is at hand, it has the last word."""
+    import json
+    import subprocess
+
+    from gateway.policy.wasmbuild import find_opa
+
+    opa = find_opa()
+    if opa is None:
+        return None
+    run = subprocess.run([opa, "test", "--format", "json", str(path), *map(str, data_files)], capture_output=True, text=True,
+                         timeout=300)
+    try:
+        theirs = json.loads(run.stdout)
+    except ValueError:
+        detail = (run.stderr or run.stdout).strip().splitlines()
+        return [f"opa test could not run the bundle: {' / '.join(detail[:5])}"] if report.error is None else []
+    ours = {r.rule: r.passed for r in report.results}
+    out = []
+    for test in theirs if isinstance(theirs, list) else []:
+        rule = f"{test.get('package')}.{test.get('name')}"
+        passed = not test.get("fail") and not test.get("error")
+        where = test.get("location") or {}
+        at = f"{where.get('file')}:{where.get('row')}"
+        if rule not in ours:
+            out.append(f"{at}: {rule}: OPA ran it ({'pass' if passed else 'FAIL'}), the embedded engine did not")
+        elif ours.pop(rule) != passed:
+            out.append(f"{at}: {rule}: OPA says {'pass' if passed else 'FAIL'}, the embedded engine the opposite")
+    out += [f"{rule}: the embedded engine ran it, OPA did not" for rule in ours]
+    return out
+
+
+def opa_coverage(path: Path, data_files: tuple[Path, ...] = ()) -> str:
+    """`opa test --coverage` of the bundle, summarised: the total, each policy file's figure and
+    the lines no test reaches. Needs a real OPA (the embedded engine cannot measure it)."""
+    import json
+    import subprocess
+
+    from gateway.policy.wasmbuild import find_opa
+
+    opa = find_opa()
+    if opa is None:
+        raise PolicyError("coverage needs a real OPA: put opa on the PATH or set OPA_BIN")
+    run = subprocess.run([opa, "test", "--coverage", "--format", "json", str(path), *map(str, data_files)], capture_output=True,
+                         text=True, timeout=300)
+    try:
+        report = json.loads(run.stdout)
+    except ValueError:
+        raise PolicyError(f"opa test --coverage failed: {(run.stderr or run.stdout).strip()[:500]}") from None
+    lines = [f"coverage: {report.get('coverage', 0):.1f}% of the policy's lines are reached by its tests"]
+    for name, figures in sorted(report.get("files", {}).items()):
+        if name.endswith("_test.rego"):
+            continue
+        missed = ", ".join(f"{r['start']['row']}" + (f"-{r['end']['row']}" if r["end"]["row"] != r["start"]["row"] else "")
+                           for r in figures.get("not_covered") or [])
+        lines.append(f"  {name}: {figures.get('coverage', 0):.1f}%" + (f" (not reached: lines {missed})" if missed else ""))
+    return "\n".join(lines)
 
 
 def run_tests_in(path: Path) -> TestReport:

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -161,3 +162,47 @@ def test_check_names_the_proxy_client(tmp_path: Path) -> None:
     result = cli("check", "--config", str(config), env=SHIPPED_ENV)
     assert result.returncode == 0, result.stderr
     assert "authorization server: proxy (signs users in at the IdP as client nextcloud-mcp-server)" in result.stdout
+
+
+def test_policy_test_asks_a_real_opa_and_reports_where_it_disagrees(tmp_path: Path) -> None:
+    """Item 6: regopy aborts on a bundle OPA accepts, and accepts an unsafe variable OPA
+    rejects; with OPA at hand, `policy test` says so, with file and line."""
+    from tests.conftest import find_opa
+
+    env = {**os.environ, "OPA_BIN": find_opa()}
+    crash = tmp_path / "crash"
+    crash.mkdir()
+    (crash / "a.rego").write_text("package crash_a\n\nf(x) := x + 1\n")
+    (crash / "b.rego").write_text("package crash_b\n\nf(x, y) := x + y\n\ntest_b if f(1, 2) == 3\n")
+    run = subprocess.run([sys.executable, "-m", "gateway.cli", "policy", "test", str(crash)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert run.returncode == 1
+    assert "regopy) crashed on this bundle" in run.stdout
+    assert f"DISAGREE: {crash / 'b.rego'}:5: data.crash_b.test_b: OPA ran it (pass), the embedded engine did not" in run.stdout
+
+    unsafe = tmp_path / "unsafe"
+    unsafe.mkdir()
+    (unsafe / "p.rego").write_text("package unsafe\n\nallow if {\n\tx > 1\n}\n\ntest_nothing if true\n")
+    run = subprocess.run([sys.executable, "-m", "gateway.cli", "policy", "test", str(unsafe)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert run.returncode == 1, run.stdout
+    assert "DISAGREE: opa test could not run the bundle:" in run.stdout and "p.rego:4" in run.stdout
+
+    shipped = subprocess.run([sys.executable, "-m", "gateway.cli", "policy", "test", str(ROOT / "policies"), "--data",
+                              str(ROOT / "examples" / "team-rules.yaml")], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert shipped.returncode == 0 and "opa test: agrees" in shipped.stdout
+
+
+def test_coverage_of_the_shipped_policies(capsys: Any) -> None:
+    """Item 12: the figure for the shipped policies, printed in CI, and kept high."""
+    from tests.conftest import find_opa
+
+    run = subprocess.run([sys.executable, "-m", "gateway.cli", "policy", "test", str(ROOT / "policies"), "--coverage", "--data",
+                          str(ROOT / "examples" / "team-rules.yaml")], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OPA_BIN": find_opa()})
+    assert run.returncode == 0, run.stdout + run.stderr
+    figure = float(re.search(r"coverage: ([0-9.]+)%", run.stdout).group(1))
+    with capsys.disabled():
+        print("\n" + "\n".join(line for line in run.stdout.splitlines() if "coverage" in line or ".rego:" in line))
+    assert figure >= 95, run.stdout
+    assert "policies/tools.rego:" in run.stdout and "policies/gateway.rego:" in run.stdout

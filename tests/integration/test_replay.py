@@ -47,3 +47,34 @@ def test_replay_reports_what_a_candidate_changes(gateways: Any, issuer: Any, jso
     assert "accept/allowed -> reject/lists_frozen  method=tools/list  3" in change
     assert listing_ids[0] in change
     assert replay(log, candidate, "--allow-changes").returncode == 0
+
+
+def test_explain_a_logged_decision_by_its_id(gateways: Any, issuer: Any, json_upstream: Any, tmp_path: Path) -> None:
+    """Item 11: a refused user quotes X-Decision-Id; explain re-decides that input, shows the
+    checks that decided and says whether the bundle now decides otherwise."""
+    import yaml
+
+    log = tmp_path / "decisions.jsonl"
+    gw = gateways.start(profile=make_profile(issuer), upstream_url=json_upstream.url,
+                        config={"decision_log": str(log), "policy": {"engine": "embedded", "bundle": str(ROOT / "policies"),
+                                                                       "data": [str(ROOT / "examples" / "notes-authz.yaml")]}})
+    refused = post(gw.mcp_url, issuer.mint(aud=gw.resource, scope="notes.read"),
+                   {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "create_note", "arguments": {"title": "x"}}})
+    assert refused.status_code == 403
+    decision_id = refused.headers["x-decision-id"]
+    assert wait_for(lambda: log.exists() and decision_id in log.read_text())
+
+    run = subprocess.run([sys.executable, "-m", "gateway.cli", "explain", "--config", str(gw.config_path), "--decision-id", decision_id,
+                          "--log", str(log)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert '  missing = ["notes.write"]' in run.stdout
+    assert "the same decision as logged" in run.stdout
+
+    config = yaml.safe_load(gw.config_path.read_text())
+    config["policy"]["data"] = []  # the same request without the per-tool rules: now allowed
+    other = tmp_path / "gateway.yaml"
+    other.write_text(yaml.safe_dump({**config, "profile": str(gw.config_path.parent / "profile.yaml")}))
+    run = subprocess.run([sys.executable, "-m", "gateway.cli", "explain", "--config", str(other), "--decision-id", decision_id,
+                          "--log", str(log)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "DIFFERS from the logged decision" in run.stdout and '"reason": "allowed"' in run.stdout
