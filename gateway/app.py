@@ -65,7 +65,9 @@ def create_app(settings: Settings) -> Litestar:
         if gateway.oauth is not None:
             checks["oauth_store"] = await gateway.oauth.state.store.ready()
         ready = all(checks.values())
-        policy = {"revision": gateway.revision, "shadow_revision": gateway.shadow_revision}
+        policy = {"revision": gateway.serving_revision, "shadow_revision": gateway.shadow_revision}
+        if gateway.serving_revision != gateway.revision:  # a remote OPA: what it serves, and the files tested here
+            policy["tested_revision"] = gateway.revision
         return Response({"ready": ready, "checks": checks, "engine": gateway.engine_report, "policy": policy},
                         status_code=200 if ready else 503)
 

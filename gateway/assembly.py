@@ -82,7 +82,7 @@ class Gateway:
         reload's swap), so /metrics never reports a candidate that was refused."""
         self.metrics.cache_sources = self._cache_counts
         self.metrics.open_streams = lambda: self.upstream.open_streams
-        self.metrics.policy_info = lambda: {"revision": self.revision, "shadow_revision": self.shadow_revision or "",
+        self.metrics.policy_info = lambda: {"revision": self.serving_revision, "shadow_revision": self.shadow_revision or "",
                                             "engine": self.engine_report["name"]}
 
     def _cache_counts(self) -> dict[str, tuple[int, int]]:
@@ -171,6 +171,13 @@ class Gateway:
         """The gateway's own origin (scheme://host[:port] of public_url): always allowed."""
         parts = urlsplit(self.settings.config.public_url)
         return f"{parts.scheme}://{parts.netloc}"
+
+    @property
+    def serving_revision(self) -> str:
+        """The revision that decides: the snapshot this gateway built, or, with a remote OPA,
+        what OPA says it decided with (the files beside the gateway may not be what OPA loaded)."""
+        engine = self.engine.engine if isinstance(self.engine, CachingEngine) else self.engine
+        return getattr(engine, "revision", None) or self.revision
 
     @property
     def engine_report(self) -> dict[str, str]:

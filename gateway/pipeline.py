@@ -141,7 +141,7 @@ async def handle_mcp(gw: Gateway, scope: Scope, receive: Receive, send: Send) ->
     """Every MCP request: run the request path, log the decision and name it to the client."""
     client = scope.get("client")
     record = DecisionRecord(path=gw.settings.config.policy.entrypoint, requested_by=client[0] if client else None,
-                            revision=gw.revision, shadow_revision=gw.shadow_revision)
+                            revision=gw.serving_revision, shadow_revision=gw.shadow_revision)
     try:
         reply = await request_path(gw, scope, receive, record)
     except ClientGone:

@@ -97,8 +97,12 @@ class Reloader:
             candidate.serve_metrics()
             current.metrics.reloads.labels("success").inc()
             passed = len(report.results) - len(report.failed)
-            log.info("reload (%s) done: revision %s serving (%d of %d Rego tests passed)", why, candidate.revision, passed,
-                     len(report.results))
+            if candidate.serving_revision != candidate.revision:  # a remote OPA decides: say what it serves
+                log.info("reload (%s) done: the local bundle (revision %s) passed %d of %d Rego tests; OPA serves %s",
+                         why, candidate.revision, passed, len(report.results), candidate.serving_revision)
+            else:
+                log.info("reload (%s) done: revision %s serving (%d of %d Rego tests passed)", why, candidate.revision, passed,
+                         len(report.results))
             retire = asyncio.create_task(self._retire(current))
             self._pending.add(retire)
             retire.add_done_callback(self._pending.discard)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 
 import pytest
@@ -10,7 +11,7 @@ from gateway.policy.bundle import load_bundle
 from gateway.policy.decision import PolicyError
 from gateway.policy.embedded import EmbeddedEngine
 from gateway.policy.opa import OpaEngine
-from tests.conftest import ROOT, find_opa, free_port, make_profile, start_opa
+from tests.conftest import ROOT, find_opa, free_port, make_profile, start_opa, wait_http
 from tests.integration.test_gateway_e2e import LIST, post, reason
 from tests.unit.test_policy import EXPECTED, RULES, TOKENS, policy_input, profile, token
 
@@ -161,3 +162,44 @@ def test_gateway_with_opa_engine_forwards_and_fails_closed(gateways, issuer, jso
     down = post(gw.mcp_url, token, LIST)
     assert down.status_code == 503 and reason(down) == "policy_unavailable"
     assert json_upstream.requests() == []
+
+
+async def test_an_opa_evaluation_error_reaches_the_log_with_its_location(tmp_path) -> None:
+    """Item 7: OPA's own error (here a conflict at a file and line) was dropped for a bare
+    'policy_unavailable'; now the PolicyError the gateway logs carries it."""
+    bundle = tmp_path / "conflict"
+    bundle.mkdir()
+    (bundle / "p.rego").write_text('package mcp.gateway\n\ndecision := "a" if input.x\n\ndecision := "b" if input.x\n')
+    opa = start_opa(bundle, tmp_path)
+    engine = OpaEngine(opa.url, ENTRY, timeout=5)
+    try:
+        with pytest.raises(PolicyError) as info:
+            await engine.decide({"x": True})
+        assert info.value.reason == "policy_error"
+        assert "eval_conflict_error" in str(info.value) and "p.rego" in str(info.value)
+    finally:
+        await engine.aclose()
+        opa.stop()
+
+
+async def test_the_revision_opa_serves_is_what_the_gateway_reports(tmp_path) -> None:
+    """Item 7: OPA serving a bundle (with a manifest revision) says which one decided; the
+    gateway reports that, not the files beside it."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(ROOT / "policies", bundle)
+    (bundle / ".manifest").write_text('{"revision": "opa-side-7"}')
+    opa = find_opa()
+    port = free_port()
+    proc = subprocess.Popen([opa, "run", "--server", "--addr", f"127.0.0.1:{port}", "--disable-telemetry", "--log-level", "error",
+                             "--bundle", str(bundle)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    engine = OpaEngine(f"http://127.0.0.1:{port}", ENTRY, timeout=5)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc)
+        await engine.start()
+        assert engine.revision is not None and "opa-side-7" in engine.revision
+        await engine.decide(CASES[0][1])
+        assert "opa-side-7" in (engine.revision or "")
+    finally:
+        await engine.aclose()
+        proc.terminate()
+        proc.wait(10)
