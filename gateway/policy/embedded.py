@@ -10,12 +10,29 @@ the event loop thread.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import regopy
 
 from gateway.policy.bundle import Bundle
 from gateway.policy.decision import Decision, PolicyError
+
+
+_ERROR_AT = re.compile(r"\(error \d+:(?P<file>[^|\s]+)\|(?P<offset>\d+)\|\d+")
+_ERROR_MESSAGE = re.compile(r"\(errormsg \d+:(?P<message>[^)\n]*)\)")
+
+
+def readable_error(text: str, modules: dict[str, str]) -> str:
+    """regopy's compile errors name a module and a byte offset; say `file:line:col: message`,
+    as `opa check` does, for each error it lists (the raw text if it cannot be read)."""
+    out = []
+    for at, message in zip(_ERROR_AT.finditer(text), _ERROR_MESSAGE.finditer(text)):
+        name, offset = at.group("file"), int(at.group("offset"))
+        source = modules.get(name, "").encode()[:offset].decode("utf-8", "replace")
+        line, col = source.count("\n") + 1, len(source.rsplit("\n", 1)[-1]) + 1
+        out.append(f"{name}:{line}:{col}: {message.group('message').strip()}")
+    return "; ".join(out) if out else text.strip()
 
 
 def compile_interpreter(modules: dict[str, str], data: dict[str, Any]) -> regopy.Interpreter:
@@ -47,13 +64,14 @@ class EmbeddedEngine:
 
     def __init__(self, bundle: Bundle, entrypoint: str) -> None:
         self.entrypoint = entrypoint
+        modules = bundle.policy_modules()
         try:
-            self._it = compile_interpreter(bundle.policy_modules(), bundle.data)
+            self._it = compile_interpreter(modules, bundle.data)
             self._compiled = self._it.build(None, [entrypoint])
         except Exception as exc:  # regopy raises RegoError, and sometimes others
-            raise PolicyError(f"the policy bundle does not compile: {exc}") from None
+            raise PolicyError(f"the policy bundle does not compile: {readable_error(str(exc), modules)}") from None
         if not self._compiled.ok():
-            raise PolicyError(f"the policy bundle does not compile: {self._compiled}")
+            raise PolicyError(f"the policy bundle does not compile: {readable_error(str(self._compiled), modules)}")
 
     def evaluate(self, policy_input: dict[str, Any]) -> Any:
         """Raw decision value (for explain and tests); raises PolicyError."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from gateway.policy.bundle import Bundle, load_bundle
 from gateway.policy.decision import PolicyError
-from gateway.policy.embedded import compile_interpreter, first_value
+from gateway.policy.embedded import compile_interpreter, first_value, readable_error
 
 _PACKAGE = re.compile(r"^package\s+([A-Za-z_][A-Za-z0-9_.]*)", re.MULTILINE)
 _TEST_RULE = re.compile(r"^(test_[A-Za-z0-9_]+)\b", re.MULTILINE)
@@ -62,7 +62,7 @@ def run_tests(bundle: Bundle) -> TestReport:
     try:
         it = compile_interpreter(bundle.modules, bundle.data)
     except Exception as exc:
-        return TestReport(results=(), error=f"the bundle does not compile: {exc}")
+        return TestReport(results=(), error=f"the bundle does not compile: {readable_error(str(exc), bundle.modules)}")
     tests = discover_tests(bundle)
     # One build for every test (a plain query() recompiles the bundle each time).
     entrypoints = [ref.removeprefix("data.").replace(".", "/") for _, ref in tests]

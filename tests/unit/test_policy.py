@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -182,3 +183,12 @@ def test_method_list_covers_every_client_method_of_the_sdk() -> None:
     listed = load_bundle(ROOT / "policies").data["mcp_methods"]
     assert methods(types.ClientRequest) <= set(listed["requests"])
     assert methods(types.ClientNotification) <= set(listed["notifications"])
+
+
+def test_a_compile_error_names_file_line_and_column(tmp_path: Path) -> None:
+    """regopy reports a byte offset in an S-expression; the gateway says file:line:col."""
+    (tmp_path / "p.rego").write_text("package mcp.gateway\n\ndecision := d if {\n\td := input.a ==\n}\n")
+    with pytest.raises(PolicyError) as info:
+        EmbeddedEngine(load_bundle(tmp_path), ENTRY)
+    assert re.search(r"p\.rego:4:\d+: ", str(info.value)), str(info.value)
+    assert "errorseq" not in str(info.value)
