@@ -353,7 +353,7 @@ async def _decide_and_forward(gw: Gateway, scope: Scope, record: DecisionRecord,
 
         # 6. What reaches the client: listings only what the caller may use (one policy
         #    evaluation per page, whatever stream a page arrives on), responses only to this request.
-        answer = await guard_answer(answer, mcp.id if mcp.kind == "request" else None, _visible_names(gw, policy_input))
+        answer = await guard_answer(answer, mcp.id if mcp.kind == "request" else None, _visible_names(gw, policy_input, record))
     except Refusal as exc:
         await answer.discard()
         return refusal(exc.status, exc.reason, exc.message, request_id=mcp.id)
@@ -435,17 +435,31 @@ async def _track_session(gw: Gateway, mcp: McpRequest, answer: UpstreamAnswer, o
         await gw.sessions.closed(mcp.session_id)
 
 
-def _visible_names(gw: Gateway, policy_input: dict[str, Any]) -> Any:
-    """The listing's policy question: the same input plus every candidate name, asked once."""
+def _visible_names(gw: Gateway, policy_input: dict[str, Any], parent: DecisionRecord) -> Any:
+    """The listing's policy question: the same input plus every candidate name, asked once.
+    Each is a decision of its own in the log (`listing_of` the request's), shadowed like any,
+    so replay and explain cover listings too."""
 
     async def visible(listing: Listing, names: list[str]) -> frozenset[str]:
         listing_input = {**policy_input, "listing": {"catalogue": listing.catalogue, "names": names}}
+        record = DecisionRecord(path=parent.path, stage="listing", requested_by=parent.requested_by, input=listing_input,
+                                engine=gw.engine.name, revision=parent.revision, shadow_revision=parent.shadow_revision,
+                                listing_of=parent.decision_id)
+        started = time.perf_counter_ns()
         try:
             with gw.metrics.timed("listing"):
                 decision: Decision = await gw.engine.decide(listing_input)
         except PolicyError as exc:
+            record.result = {"action": "error", "reason": exc.reason}
+            gw.decisions.write(record, status=503)
             log.error("policy error while filtering %s, listing refused: %s", listing.method, exc)
             raise Refusal(503, exc.reason, "the authorization policy could not filter the listing") from None
+        finally:
+            record.eval_ns = time.perf_counter_ns() - started
+        record.result = decision.as_dict()
+        if gw.shadow is not None:
+            await _compare_shadow(gw, record, listing_input)
+        gw.decisions.write(record, status=200)
         if decision.action is Action.REJECT or decision.visible is None:
             log.warning("the policy gave no visible set for %s; every item hidden", listing.method)
             return frozenset()

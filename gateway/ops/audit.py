@@ -47,7 +47,7 @@ class DecisionRecord:
 
     path: str
     decision_id: str = field(default_factory=lambda: str(uuid.uuid4()))
-    stage: str = "token"  # token | parse | policy | exchange | upstream | done
+    stage: str = "token"  # token | parse | policy | exchange | upstream | done | listing
     input: dict[str, Any] | None = None
     result: dict[str, Any] | None = None
     engine: str | None = None
@@ -59,6 +59,8 @@ class DecisionRecord:
     #: the revisions that decided (OPA's decision logs carry `bundles.<name>.revision`)
     revision: str | None = None
     shadow_revision: str | None = None
+    #: a listing's own decision: the decision id of the request whose answer it filtered
+    listing_of: str | None = None
 
 
 def _line(entry: dict[str, Any]) -> str:
@@ -148,6 +150,8 @@ class DecisionLog:
         }
         if record.eval_ns is not None:
             entry["metrics"] = {"timer_rego_query_eval_ns": record.eval_ns}
+        if record.listing_of is not None:
+            entry["listing_of"] = record.listing_of
         if record.revision is not None:
             entry["bundles"] = {"live": {"revision": record.revision}}
         if record.shadow_result is not None:

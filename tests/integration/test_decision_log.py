@@ -90,7 +90,12 @@ def test_shadow_policy_logs_and_counts_disagreements_without_acting(gateways, is
     assert disagreeing["result"]["action"] == "accept"
     assert disagreeing["shadow_result"] == {"action": "reject", "reason": "deletes_frozen", "status": 403}
     assert "shadow_result" not in entries[listed.headers["x-decision-id"]]
+    # the listing's own decision is a line of its own, shadowed too: this candidate gives no
+    # visible set, so it would hide every tool (a disagreement worth knowing before shipping)
+    listing = next(e for e in entries.values() if e.get("listing_of") == listed.headers["x-decision-id"])
+    assert listing["stage"] == "listing" and listing["input"]["listing"]["catalogue"] == "tools"
+    assert listing["result"]["visible"] and "visible" not in listing["shadow_result"]
     assert "shadow policy disagrees on decision " + deleted.headers["x-decision-id"] in gw.log()
     metrics = httpx.get(gw.base + "/metrics").text
-    assert 'mcp_gateway_shadow_decisions_total{outcome="disagree"} 1.0' in metrics
+    assert 'mcp_gateway_shadow_decisions_total{outcome="disagree"} 2.0' in metrics
     assert 'mcp_gateway_shadow_decisions_total{outcome="agree"} 1.0' in metrics

@@ -29,23 +29,24 @@ def test_replay_reports_what_a_candidate_changes(gateways: Any, issuer: Any, jso
         assert post(gw.mcp_url, token, LIST).status_code == 200
     assert post(gw.mcp_url, token, CALL).status_code == 200
     assert post(gw.mcp_url, None, LIST).status_code == 401  # refused before the policy: nothing to replay
-    assert wait_for(lambda: log.exists() and len(log.read_text().splitlines()) == 5)
+    # 3 listings (each a request decision and its listing's own), 1 call, 1 refusal
+    assert wait_for(lambda: log.exists() and len(log.read_text().splitlines()) == 8)
 
     same = replay(log, ROOT / "policies")
     assert same.returncode == 0, same.stdout + same.stderr
-    assert "replayed 4 decisions" in same.stdout and "skipped 1 refused before the policy ran" in same.stdout
-    assert "unchanged: 4" in same.stdout and "changed: 0" in same.stdout
+    assert "replayed 7 decisions" in same.stdout and "skipped 1 refused before the policy ran" in same.stdout
+    assert "unchanged: 7" in same.stdout and "changed: 0" in same.stdout
 
     candidate = tmp_path / "candidate"
     shutil.copytree(ROOT / "policies", candidate)
     write_v2(candidate)  # refuses tools/list
     changed = replay(log, candidate)
     assert changed.returncode == 3, changed.stdout + changed.stderr
-    assert "changed: 3" in changed.stdout and "unchanged: 1" in changed.stdout
-    listing_ids = [json.loads(line)["decision_id"] for line in log.read_text().splitlines()[:3]]
+    assert "changed: 6" in changed.stdout and "unchanged: 1" in changed.stdout  # the listings' own decisions too
+    listing_ids = [json.loads(line)["decision_id"] for line in log.read_text().splitlines()[:6]]
     change = next(line for line in changed.stdout.splitlines() if "->" in line)
-    assert "accept/allowed -> reject/lists_frozen  method=tools/list  3" in change
-    assert listing_ids[0] in change
+    assert "accept/allowed -> reject/lists_frozen  method=tools/list  6" in change
+    assert any(i in change for i in listing_ids)
     assert replay(log, candidate, "--allow-changes").returncode == 0
 
 
