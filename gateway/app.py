@@ -64,6 +64,8 @@ def create_app(settings: Settings) -> Litestar:
         }
         if gateway.oauth is not None:
             checks["oauth_store"] = await gateway.oauth.state.store.ready()
+        if gateway.settings.config.rate_limits.store == "redis":
+            checks["rate_limits"] = await gateway.quotas.store.ready()
         ready = all(checks.values())
         policy = {"revision": gateway.serving_revision, "shadow_revision": gateway.shadow_revision}
         if gateway.serving_revision != gateway.revision:  # a remote OPA: what it serves, and the files tested here

@@ -26,7 +26,7 @@ from gateway.auth.tokens import (
     VerifiedTokenCache,
 )
 from gateway.config.profiles import Profile, load_profile, proxy_client
-from gateway.config.settings import Settings
+from gateway.config.settings import ConfigError, Settings
 from gateway.mcp.sessions import InFlight, SessionBinding, build_session_store
 from gateway.mcp.upstream import UpstreamClient
 from gateway.oauth.server import CALLBACK_PATH, AuthorizationServer, OAuthState
@@ -44,6 +44,7 @@ from gateway.policy.engines import (
 )
 from gateway.policy.regotest import TestReport, run_tests_isolated
 from gateway.state.concurrency import IdentityLimits
+from gateway.state.quotas import MemoryQuotas, Quotas, RedisQuotas
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ class Gateway:
     inflight: InFlight = field(default_factory=InFlight)
     #: requests and streams each identity holds now (shared with a reloaded successor)
     identity_limits: IdentityLimits = field(default_factory=lambda: IdentityLimits(64, 16))
+    #: the counters of the policy's rate limits (shared with a reloaded successor)
+    quotas: Quotas = field(default_factory=lambda: Quotas(MemoryQuotas()))
     #: the revision of the snapshot serving (and of the shadow's): logs, metrics, /readyz
     revision: str = ""
     shadow_revision: str | None = None
@@ -103,6 +106,10 @@ class Gateway:
         engine = with_decision_cache(build_engine(settings, bundle), settings, bundle)
         metrics = previous.metrics if previous else Metrics()
         shadow, shadow_revision = shadow_engine(settings, metrics)
+        authz = bundle.data.get("authz")
+        if isinstance(authz, dict) and authz.get("limits") and cfg.workers > 1 and cfg.rate_limits.store != "redis":
+            raise ConfigError(f"{settings.path.name}: rate_limits.store: the policy data declares rate limits and {cfg.workers} "
+                              "workers run: their counters must be shared (rate_limits: {store: redis, url: ...})")
         idp_http = httpx.AsyncClient(timeout=httpx.Timeout(5.0), follow_redirects=False, trust_env=False)
         issuer = IssuerMetadata(profile, idp_http)
         verified = VerifiedTokenCache(cfg.caches.verified_tokens)
@@ -157,6 +164,9 @@ class Gateway:
             inflight=previous.inflight if previous else InFlight(),
             identity_limits=previous.identity_limits if previous else IdentityLimits(
                 cfg.limits.max_requests_per_identity, cfg.limits.max_streams_per_identity),
+            quotas=previous.quotas if previous else Quotas(
+                RedisQuotas(cfg.rate_limits.url or "", key_prefix=cfg.rate_limits.key_prefix, timeout=cfg.rate_limits.timeout)
+                if cfg.rate_limits.store == "redis" else MemoryQuotas(cfg.rate_limits.max_entries)),
             revision=bundle.revision,
             shadow_revision=shadow_revision,
         )
@@ -211,6 +221,7 @@ class Gateway:
             self.decisions.close()
             await self.upstream.aclose()
             await self.sessions.store.aclose()
+            await self.quotas.store.aclose()
             if self.oauth is not None:
                 await self.oauth.state.store.aclose()
 

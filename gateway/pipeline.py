@@ -40,6 +40,7 @@ from gateway.mcp.upstream import UpstreamAnswer, UpstreamError, forwarded_header
 from gateway.ops.audit import AUDIT_LOGGER, DecisionRecord
 from gateway.policy.decision import Action, Decision, PolicyError
 from gateway.policy.input import build_input, over_budget
+from gateway.state.quotas import Exceeded, QuotaRefusal
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger(AUDIT_LOGGER)
@@ -325,6 +326,18 @@ async def _decide_and_forward(gw: Gateway, scope: Scope, record: DecisionRecord,
         if decision.reason == "unknown_method" and stateless(mcp.protocol_version):
             status = 404  # the stateless transport's answer to a method the server does not know
         return _policy_refusal(gw, status, decision.reason, decision.scopes, mcp)
+    if decision.limits:  # the policy's rate limits: this identity's counters, nobody else's
+        try:
+            await gw.quotas.take(decision.limits, token.issuer, token.subject, token.client_id)
+        except QuotaRefusal as exc:
+            record.stage = "limits"
+            refused = refuse(record, exc.status, exc.reason, exc.message, request_id=mcp.id,
+                             data={"limit": exc.limit.name} if isinstance(exc, Exceeded) else None)
+            record.result = {**decision.as_dict(), "action": "reject", "reason": exc.reason, "status": exc.status}
+            if isinstance(exc, Exceeded):
+                refused.header("retry-after", str(exc.retry_after))
+                gw.metrics.rate_limited.labels(exc.limit.name).inc()
+            return refused
     bearer = raw_token
     if decision.action is Action.EXCHANGE:
         record.stage = "exchange"

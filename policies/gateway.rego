@@ -29,7 +29,7 @@ decision := reject(problem, 401) if {
 	problem := argument_problem
 } else := reject(problem, 403) if {
 	problem := custom_problem
-} else := with_listing(allow)
+} else := with_limits(with_listing(allow))
 
 allow := {"action": "accept", "reason": "allowed"} if {
 	input.profile.mode == "passthrough"

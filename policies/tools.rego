@@ -283,6 +283,30 @@ with_listing(d) := object.union(d, {"visible": visible}) if {
 	input.listing
 } else := d
 
+# --- Rate limits, as data ----------------------------------------------------
+
+# `limits.<method or name pattern>.<per_subject|per_client>: "N/second|minute|hour|day"`:
+# an allowed request carries the limits it counts against in its decision; the gateway keeps
+# the counters (a token bucket per limit and identity, in memory or Redis) and answers 429.
+limit_specs := object.get(authz, "limits", {})
+
+request_limits contains {"name": key, "per": per, "rate": limit_specs[key][per]} if {
+	limit_specs[key][per]
+	limit_applies(key)
+}
+
+limit_applies(key) if key == input.mcp.method
+
+limit_applies(key) if {
+	some t in targets
+	name_matches(key, t.name)
+}
+
+with_limits(d) := object.union(d, {"limits": request_limits}) if {
+	count(request_limits) > 0
+	not input.listing
+} else := d
+
 # --- Step-up ----------------------------------------------------------------
 
 step_up := {

@@ -264,3 +264,27 @@ test_a_limited_clients_other_catalogues_are_closed if {
 		with input.request as {"method": "POST"}
 	d.reason == "client_not_allowed"
 }
+
+test_an_allowed_request_names_the_limits_it_counts_against if {
+	rules := {
+		"tools": {"list_notes": {}, "purge_*": {}},
+		"limits": {"tools/call": {"per_subject": "60/minute"}, "purge_*": {"per_subject": "1/hour", "per_client": "5/day"}},
+	}
+	d := gateway.decision with data.authz as rules
+		with input.token as team_token("cli", [])
+		with input.profile as open_profile(0)
+		with input.mcp as {"kind": "request", "method": "tools/call", "tool": "purge_all"}
+		with input.request as {"method": "POST"}
+	d.action == "accept"
+	{l | some l in d.limits} == {
+		{"name": "tools/call", "per": "per_subject", "rate": "60/minute"},
+		{"name": "purge_*", "per": "per_subject", "rate": "1/hour"},
+		{"name": "purge_*", "per": "per_client", "rate": "5/day"},
+	}
+	other := gateway.decision with data.authz as rules
+		with input.token as team_token("cli", [])
+		with input.profile as open_profile(0)
+		with input.mcp as {"kind": "request", "method": "tools/list"}
+		with input.request as {"method": "POST"}
+	not other.limits
+}

@@ -139,6 +139,23 @@ class Sessions(Strict):
         return self
 
 
+class RateLimits(Strict):
+    """Where the counters of the policy's rate limits (data.authz.limits) live: this process
+    (memory) or Redis, shared by every worker and replica."""
+
+    store: Literal["memory", "redis"] = "memory"
+    url: str | None = None
+    key_prefix: str = "mcp-gateway:quota:"
+    timeout: float = pydantic.Field(1.0, gt=0)
+    max_entries: int = pydantic.Field(100_000, ge=1)
+
+    @pydantic.model_validator(mode="after")
+    def _redis_needs_url(self) -> RateLimits:
+        if self.store == "redis" and not self.url:
+            raise ValueError("store: redis needs url (redis://host:port/db)")
+        return self
+
+
 class OAuthStore(Strict):
     """Where the authorization server keeps registrations, pending sign-ins, codes and refresh
     handles: this process (memory) or Redis, shared by every replica and worker."""
@@ -223,6 +240,7 @@ class GatewayConfig(Strict):
     caches: Caches = Caches()
     reload: Reload = Reload()
     sessions: Sessions = Sessions()
+    rate_limits: RateLimits = RateLimits()
     authorization_server: AuthorizationServer = AuthorizationServer()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     #: uvicorn's one line per HTTP request (the decision log already has one per MCP request)

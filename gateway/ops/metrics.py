@@ -116,6 +116,9 @@ class Metrics:
         self.step_seconds = StepTimes(BUCKETS)
         self.registry.register(self.step_seconds)  # type: ignore[arg-type]
         self.reloads = Counter("mcp_gateway_reloads", "Policy/profile reloads by result", ["result"], registry=self.registry)
+        #: limit: the data key of the policy's rate limit (bounded by the policy data)
+        self.rate_limited = Counter("mcp_gateway_rate_limited", "Requests refused by a rate limit of the policy, by limit",
+                                    ["limit"], registry=self.registry)
         self.shadow = Counter(
             "mcp_gateway_shadow_decisions", "Shadow policy evaluations by outcome", ["outcome"], registry=self.registry
         )  # outcome: agree | disagree | error

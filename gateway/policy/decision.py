@@ -10,6 +10,8 @@ import enum
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from gateway.state.quotas import Limit
+
 
 class Action(str, enum.Enum):
     ACCEPT = "accept"
@@ -34,6 +36,8 @@ class Decision:
     audience: tuple[str, ...] = ()
     #: for a listing input: the names the caller may see (None: the policy said nothing)
     visible: frozenset[str] | None = None
+    #: the rate limits this request counts against (the gateway keeps the counters)
+    limits: tuple[Limit, ...] = ()
 
     @classmethod
     def from_output(cls, value: Any) -> Decision:
@@ -57,6 +61,7 @@ class Decision:
             scopes=_strings(value.get("scopes"), "scopes"),
             audience=_strings(value.get("audience"), "audience"),
             visible=frozenset(_strings(value["visible"], "visible")) if "visible" in value else None,
+            limits=_limits(value.get("limits")),
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -69,7 +74,21 @@ class Decision:
             out["audience"] = list(self.audience)
         if self.visible is not None:
             out["visible"] = sorted(self.visible)
+        if self.limits:
+            out["limits"] = [{"name": lim.name, "per": f"per_{lim.per}", "count": lim.count, "period": lim.period} for lim in self.limits]
         return out
+
+
+def _limits(value: Any) -> tuple[Limit, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise PolicyError("decision.limits must be a list of {name, per, rate}")
+    try:
+        return tuple(sorted((Limit.parse(str(v.get("name")), str(v.get("per")), str(v.get("rate"))) for v in value),
+                            key=lambda lim: (lim.name, lim.per)))
+    except ValueError as exc:
+        raise PolicyError(f"decision.limits: {exc}") from None
 
 
 def _strings(value: Any, name: str) -> tuple[str, ...]:

@@ -32,9 +32,9 @@ frozen := {"action": "reject", "reason": "lists_frozen", "status": 403}
 
 def write_v2(bundle) -> None:
     text = (ROOT / "policies" / "gateway.rego").read_text()
-    marker = "} else := with_listing(allow)\n"
+    marker = "} else := with_limits(with_listing(allow))\n"
     assert marker in text
-    text = text.replace(marker, '} else := frozen if {\n\tinput.mcp.method == "tools/list"\n} else := with_listing(allow)\n')
+    text = text.replace(marker, '} else := frozen if {\n\tinput.mcp.method == "tools/list"\n} else := with_limits(with_listing(allow))\n')
     (bundle / "gateway.rego").write_text(text + "\n" + V2.split("\n", 3)[3])
     (bundle / "gateway_v2_test.rego").write_text(V2_TEST)
     # v2 freezes listings on purpose, so the listing test of tools_test.rego no longer holds
