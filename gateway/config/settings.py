@@ -119,58 +119,43 @@ class Caches(Strict):
     introspections_per_address_per_minute: int = pydantic.Field(60, ge=1)
 
 
-class Sessions(Strict):
-    """Where `Mcp-Session-Id` → (iss, sub) bindings live (gateway/sessions.py)."""
+class StoreConfig(Strict):
+    """A store of shared state: this process (memory), or Redis, shared by every worker and
+    replica pointing at `url`."""
 
-    #: memory: this process only; redis: shared by every replica pointing at `url`
     store: Literal["memory", "redis"] = "memory"
     url: str | None = None
-    #: seconds a binding lives after its last use
-    ttl: float = pydantic.Field(86_400.0, gt=0)
-    max_entries: int = pydantic.Field(100_000, ge=1)
-    key_prefix: str = "mcp-gateway:session:"
+    key_prefix: str = "mcp-gateway:"
     #: seconds a Redis command may take before the request is refused (503)
     timeout: float = pydantic.Field(1.0, gt=0)
+    #: the memory store's bound
+    max_entries: int = pydantic.Field(100_000, ge=1)
 
     @pydantic.model_validator(mode="after")
-    def _redis_needs_url(self) -> Sessions:
+    def _redis_needs_url(self) -> StoreConfig:
         if self.store == "redis" and not self.url:
             raise ValueError("store: redis needs url (redis://host:port/db)")
         return self
 
 
-class RateLimits(Strict):
-    """Where the counters of the policy's rate limits (data.authz.limits) live: this process
-    (memory) or Redis, shared by every worker and replica."""
+class Sessions(StoreConfig):
+    """Where `Mcp-Session-Id` → (iss, sub) bindings live (gateway/mcp/sessions.py)."""
 
-    store: Literal["memory", "redis"] = "memory"
-    url: str | None = None
+    key_prefix: str = "mcp-gateway:session:"
+    #: seconds a binding lives after its last use
+    ttl: float = pydantic.Field(86_400.0, gt=0)
+
+
+class RateLimits(StoreConfig):
+    """Where the counters of the policy's rate limits (data.authz.limits) live."""
+
     key_prefix: str = "mcp-gateway:quota:"
-    timeout: float = pydantic.Field(1.0, gt=0)
-    max_entries: int = pydantic.Field(100_000, ge=1)
-
-    @pydantic.model_validator(mode="after")
-    def _redis_needs_url(self) -> RateLimits:
-        if self.store == "redis" and not self.url:
-            raise ValueError("store: redis needs url (redis://host:port/db)")
-        return self
 
 
-class OAuthStore(Strict):
-    """Where the authorization server keeps registrations, pending sign-ins, codes and refresh
-    handles: this process (memory) or Redis, shared by every replica and worker."""
+class OAuthStore(StoreConfig):
+    """Where the authorization server keeps registrations, pending sign-ins, codes and refresh handles."""
 
-    store: Literal["memory", "redis"] = "memory"
-    url: str | None = None
     key_prefix: str = "mcp-gateway:oauth:"
-    timeout: float = pydantic.Field(1.0, gt=0)
-    max_entries: int = pydantic.Field(100_000, ge=1)
-
-    @pydantic.model_validator(mode="after")
-    def _redis_needs_url(self) -> OAuthStore:
-        if self.store == "redis" and not self.url:
-            raise ValueError("store: redis needs url (redis://host:port/db)")
-        return self
 
 
 class Registration(Strict):
