@@ -33,6 +33,7 @@ from gateway.oauth.server import CALLBACK_PATH, AuthorizationServer, OAuthState
 from gateway.oauth.signin import IdpSignIn
 from gateway.ops.audit import DecisionLog
 from gateway.ops.metrics import Metrics
+from gateway.ops.tracing import Tracing
 from gateway.policy.bundle import Bundle, DeclaredScopes, load_bundle
 from gateway.policy.cache import CachingEngine
 from gateway.policy.decision import PolicyEngine, PolicyError
@@ -74,6 +75,8 @@ class Gateway:
     inflight: InFlight = field(default_factory=InFlight)
     #: requests and streams each identity holds now (shared with a reloaded successor)
     identity_limits: IdentityLimits = field(default_factory=lambda: IdentityLimits(64, 16))
+    #: OpenTelemetry, from the OTEL_* variables; a no-op unless they ask for it
+    tracing: Tracing = field(default_factory=Tracing)
     #: the counters of the policy's rate limits (shared with a reloaded successor)
     quotas: Quotas = field(default_factory=lambda: Quotas(MemoryQuotas()))
     #: the revision of the snapshot serving (and of the shadow's): logs, metrics, /readyz
@@ -164,6 +167,7 @@ class Gateway:
             inflight=previous.inflight if previous else InFlight(),
             identity_limits=previous.identity_limits if previous else IdentityLimits(
                 cfg.limits.max_requests_per_identity, cfg.limits.max_streams_per_identity),
+            tracing=previous.tracing if previous else Tracing(),
             quotas=previous.quotas if previous else Quotas(
                 RedisQuotas(cfg.rate_limits.url or "", key_prefix=cfg.rate_limits.key_prefix, timeout=cfg.rate_limits.timeout)
                 if cfg.rate_limits.store == "redis" else MemoryQuotas(cfg.rate_limits.max_entries)),
@@ -222,6 +226,7 @@ class Gateway:
             await self.upstream.aclose()
             await self.sessions.store.aclose()
             await self.quotas.store.aclose()
+            self.tracing.shutdown()
             if self.oauth is not None:
                 await self.oauth.state.store.aclose()
 

@@ -143,16 +143,19 @@ async def handle_mcp(gw: Gateway, scope: Scope, receive: Receive, send: Send) ->
     client = scope.get("client")
     record = DecisionRecord(path=gw.settings.config.policy.entrypoint, requested_by=client[0] if client else None,
                             revision=gw.serving_revision, shadow_revision=gw.shadow_revision)
-    try:
-        reply = await request_path(gw, scope, receive, record)
-    except ClientGone:
-        record.result = {"action": "reject", "reason": "client_disconnected", "status": 400}
-        gw.decisions.write(record, status=400)
-        gw.metrics.count(record.result)
-        return
-    except Exception:
-        log.exception("unexpected error on %s %s", scope["method"], scope["path"])
-        reply = refuse(record, 500, "internal_error", "the gateway failed unexpectedly; nothing was forwarded", code=-32603)
+    with gw.tracing.request(scope["headers"], scope["method"]):
+        record.trace_id = gw.tracing.trace_id()
+        try:
+            reply = await request_path(gw, scope, receive, record)
+        except ClientGone:
+            record.result = {"action": "reject", "reason": "client_disconnected", "status": 400}
+            gw.decisions.write(record, status=400)
+            gw.metrics.count(record.result)
+            return
+        except Exception:
+            log.exception("unexpected error on %s %s", scope["method"], scope["path"])
+            reply = refuse(record, 500, "internal_error", "the gateway failed unexpectedly; nothing was forwarded", code=-32603)
+        gw.tracing.annotate(decision_id=record.decision_id, reason=(record.result or {}).get("reason"), status=reply.status)
     reply.headers.append((b"x-decision-id", record.decision_id.encode()))
     gw.decisions.write(record, status=reply.status)
     gw.metrics.count(record.result)
@@ -213,7 +216,7 @@ async def request_path(gw: Gateway, scope: Scope, receive: Receive, record: Deci
         if raw_token is None:
             www = challenge(gw.metadata_url, scope=gw.scopes.initial)
             return refuse(record, 401, "missing_token", "a bearer token is required", www_authenticate=www)
-        with gw.metrics.timed("verify"):
+        with gw.metrics.timed("verify"), gw.tracing.step("verify"):
             token = await gw.verifier.verify(raw_token, client_address=record.requested_by)
     except TokenError as exc:
         return _token_refusal(gw, record, exc)
@@ -305,7 +308,7 @@ async def _decide_and_forward(gw: Gateway, scope: Scope, record: DecisionRecord,
     record.engine = gw.engine.name
     started = time.perf_counter_ns()
     try:
-        with gw.metrics.timed("policy"):
+        with gw.metrics.timed("policy"), gw.tracing.step("policy"):
             decision = await gw.engine.decide(policy_input)
     except PolicyError as exc:
         log.error("policy error, request refused: %s", exc)
@@ -344,7 +347,7 @@ async def _decide_and_forward(gw: Gateway, scope: Scope, record: DecisionRecord,
         if gw.exchanger is None or gw.profile.exchange is None:
             return refusal(503, "exchange_not_configured", "the policy asks for a token exchange, but the profile has no exchange section", request_id=mcp.id)
         try:
-            with gw.metrics.timed("exchange"):
+            with gw.metrics.timed("exchange"), gw.tracing.step("exchange"):
                 exchanged = await gw.exchanger.exchange(
                     token,
                     raw_token,
@@ -431,10 +434,10 @@ def _policy_refusal(gw: Gateway, status: int, reason: str, scopes: tuple[str, ..
 
 async def _forward(gw: Gateway, mcp: McpRequest, headers: dict[str, str], bearer: str) -> UpstreamAnswer:
     cfg = gw.settings.config
-    with gw.metrics.timed("upstream"):  # until the answer's headers (SSE bodies stream on)
+    with gw.metrics.timed("upstream"), gw.tracing.step("upstream"):  # until the answer's headers (SSE bodies stream on)
         return await gw.upstream.send(
             method=mcp.http_method,
-            headers=forwarded_headers(headers, cfg.upstream.forward_headers, bearer),
+            headers={**forwarded_headers(headers, cfg.upstream.forward_headers, bearer), **gw.tracing.outgoing(headers)},
             body=mcp.body,
         )
 

@@ -61,6 +61,8 @@ class DecisionRecord:
     shadow_revision: str | None = None
     #: a listing's own decision: the decision id of the request whose answer it filtered
     listing_of: str | None = None
+    #: the OpenTelemetry trace this decision belongs to (when tracing is on)
+    trace_id: str | None = None
 
 
 def _line(entry: dict[str, Any]) -> str:
@@ -152,6 +154,8 @@ class DecisionLog:
             entry["metrics"] = {"timer_rego_query_eval_ns": record.eval_ns}
         if record.listing_of is not None:
             entry["listing_of"] = record.listing_of
+        if record.trace_id is not None:
+            entry["trace_id"] = record.trace_id
         if record.revision is not None:
             entry["bundles"] = {"live": {"revision": record.revision}}
         if record.shadow_result is not None:
