@@ -187,16 +187,20 @@ class Gateway:
         return f"{parts.scheme}://{parts.netloc}"
 
     @property
+    def deciding_engine(self) -> PolicyEngine:
+        """The engine itself, under the decision cache if there is one."""
+        return self.engine.engine if isinstance(self.engine, CachingEngine) else self.engine
+
+    @property
     def serving_revision(self) -> str:
         """The revision that decides: the snapshot this gateway built, or, with a remote OPA,
         what OPA says it decided with (the files beside the gateway may not be what OPA loaded)."""
-        engine = self.engine.engine if isinstance(self.engine, CachingEngine) else self.engine
-        return getattr(engine, "revision", None) or self.revision
+        return getattr(self.deciding_engine, "revision", None) or self.revision
 
     @property
     def engine_report(self) -> dict[str, str]:
         """Which engine decides, and where its module came from or why it stands in (/readyz)."""
-        engine = self.engine.engine if isinstance(self.engine, CachingEngine) else self.engine
+        engine = self.deciding_engine
         report = {"name": engine.name}
         for attribute, key in (("source", "source"), ("fallback_reason", "fallback")):
             if getattr(engine, attribute, None):

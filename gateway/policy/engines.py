@@ -33,15 +33,21 @@ def build_engine(settings: Settings, bundle: Bundle | None = None) -> PolicyEngi
     raise PolicyError(f"policy.engine {policy.engine!r} is not known")
 
 
+def _wasm_engine(bundle: Bundle, entrypoint: str, *, timeout: float, workers: int, inline_max_bytes: int) -> WasmEngine:
+    """OPA's WebAssembly for `bundle`; raises WasmUnavailable or PolicyError when none can be had."""
+    wasm, source = wasm_for(bundle, entrypoint)
+    engine = WasmEngine(WasmPolicy(wasm, bundle.data, entrypoint), entrypoint, timeout=timeout, workers=workers,
+                        inline_max_bytes=inline_max_bytes)
+    engine.source = source
+    return engine
+
+
 def build_local_engine(settings: Settings, bundle: Bundle) -> PolicyEngine:
     policy = settings.config.policy
     if policy.engine != "regopy":
         try:
-            wasm, source = wasm_for(bundle, policy.entrypoint)
-            engine = WasmEngine(WasmPolicy(wasm, bundle.data, policy.entrypoint), policy.entrypoint, timeout=policy.timeout,
-                                workers=policy.workers, inline_max_bytes=policy.inline_max_bytes)
-            engine.source = source
-            return engine
+            return _wasm_engine(bundle, policy.entrypoint, timeout=policy.timeout, workers=policy.workers,
+                                inline_max_bytes=policy.inline_max_bytes)
         except (WasmUnavailable, PolicyError) as exc:
             if policy.engine == "wasm":
                 raise PolicyError(f"policy.engine: wasm: {exc}") from None
@@ -56,8 +62,7 @@ def standalone_engine(bundle: Bundle, entrypoint: str) -> PolicyEngine:
     """An in-process engine for tools that have no gateway.yaml (replay): WebAssembly when a
     module can be had, else regopy."""
     try:
-        wasm, _ = wasm_for(bundle, entrypoint)
-        return WasmEngine(WasmPolicy(wasm, bundle.data, entrypoint), entrypoint, timeout=5.0, workers=1, inline_max_bytes=4_096)
+        return _wasm_engine(bundle, entrypoint, timeout=5.0, workers=1, inline_max_bytes=4_096)
     except (WasmUnavailable, PolicyError):
         return EmbeddedEngine(bundle, entrypoint)
 

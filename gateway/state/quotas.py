@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import re
-import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
+
+from gateway.state.ratelimit import TokenBuckets
 
 PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
 #: "60/minute", "1/hour"... (the schema allows exactly these)
@@ -67,25 +67,11 @@ class MemoryQuotas:
     """Buckets in this process (bounded: the least recently used are forgotten, and start full)."""
 
     def __init__(self, max_entries: int = 100_000) -> None:
-        self._max = max_entries
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self._buckets = TokenBuckets(max_entries)
 
     async def take(self, key: str, limit: Limit) -> float:
         """0 if a request may pass (and counts it), else seconds until one more would."""
-        now = time.monotonic()
-        rate = limit.count / limit.period
-        tokens, seen = self._buckets.get(key, (float(limit.count), now))
-        tokens = min(float(limit.count), tokens + (now - seen) * rate)
-        wait = 0.0
-        if tokens >= 1.0:
-            tokens -= 1.0
-        else:
-            wait = (1.0 - tokens) / rate
-        self._buckets[key] = (tokens, now)
-        self._buckets.move_to_end(key)
-        while len(self._buckets) > self._max:
-            self._buckets.popitem(last=False)
-        return wait
+        return self._buckets.take(key, float(limit.count), limit.period)
 
     async def ready(self) -> bool:
         return True
