@@ -132,9 +132,13 @@ class Quotas:
     async def take(self, limits: tuple[Limit, ...], issuer: str, subject: str | None, client: str | None) -> None:
         """Raises Exceeded (429) for the first limit with no token left, QuotaStoreUnavailable (503)."""
         for limit in limits:
-            identity = subject if limit.per == "subject" else client
-            if not identity:
-                continue  # a limit per client on a token without a client counts nothing
+            if limit.per == "subject":
+                # a token without a subject (client credentials) is its client's: counted, never free
+                identity = f"sub:{subject}" if subject else (f"client:{client}" if client else None)
+            else:
+                identity = f"client:{client}" if client else None
+            if identity is None:
+                continue  # per client, on a token naming no client: nothing to count it against
             wait = await self.store.take(bucket_key(limit, issuer, identity), limit)
             if wait > 0:
                 raise Exceeded(limit, wait)
