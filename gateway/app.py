@@ -23,6 +23,7 @@ from gateway.ops.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.ops.reload import Reloader
 from gateway.mcp import jsonrpc
 from gateway.pipeline import mcp_endpoint
+from gateway.vault.routes import vault_routes
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ def create_app(settings: Settings) -> Litestar:
         }
         if gateway.oauth is not None:
             checks["oauth_store"] = await gateway.oauth.state.store.ready()
+        if gateway.vault is not None:
+            checks["vault"] = await gateway.vault.store.ready()
         if gateway.settings.config.rate_limits.store == "redis":
             checks["rate_limits"] = await gateway.quotas.store.ready()
         ready = all(checks.values())
@@ -89,6 +92,8 @@ def create_app(settings: Settings) -> Litestar:
     handlers = [healthz, readyz, metrics, protected_resource_metadata, mcp_route]
     if cfg.authorization_server.mode == "proxy":
         handlers += oauth_routes(cfg.public_url)
+    if cfg.vault.enabled:
+        handlers += vault_routes()
     app = Litestar(
         route_handlers=handlers,
         lifespan=[lifespan],

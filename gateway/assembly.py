@@ -46,6 +46,8 @@ from gateway.policy.engines import (
 from gateway.policy.regotest import TestReport, run_tests_isolated
 from gateway.state.concurrency import IdentityLimits
 from gateway.state.quotas import MemoryQuotas, Quotas, RedisQuotas
+from gateway.vault.broker import Broker
+from gateway.vault.keeper import Vault, VaultState
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,9 @@ class Gateway:
     #: the revision of the snapshot serving (and of the shadow's): logs, metrics, /readyz
     revision: str = ""
     shadow_revision: str | None = None
+    #: the token vault (vault.enabled) and its HTTP side (POST /vault/token, /vault/grants)
+    vault: Vault | None = None
+    vault_broker: Broker | None = None
 
     def serve_metrics(self) -> None:
         """Point the shared metrics at this gateway: called once it serves (start-up, or a
@@ -147,6 +152,21 @@ class Gateway:
                 state=previous.oauth.state if previous and previous.oauth else OAuthState(cfg.authorization_server),
                 known_scopes=advertised_scopes(profile, declared), initial_scopes=declared.initial,
             )
+        decisions = previous.decisions if previous else DecisionLog(cfg.decision_log, max_line_bytes=cfg.decision_log_max_line_bytes)
+        vault = broker = None
+        if cfg.vault.enabled:
+            if not profile.vault.offline_access:
+                raise ConfigError(f"{settings.path.name}: vault.enabled: profile {profile.name} does not keep refresh tokens "
+                                  "(set vault.offline_access: true in the profile)")
+            assert oauth is not None  # the config model requires proxy mode
+            vault_state = previous.vault.state if previous and previous.vault else VaultState(cfg.vault, settings.base_dir, settings.path.name)
+            vault = Vault(vault_state, profile=profile, signin=signin, verifier=verifier, exchanger=exchanger, metrics=metrics)
+            oauth.keeper = vault
+            broker = Broker(vault, cfg.vault, profile=profile, engine=engine.engine if isinstance(engine, CachingEngine) else engine,
+                            verifier=verifier, decisions=decisions, revision=bundle.revision)
+        elif profile.mode.value == "delegate":
+            raise ConfigError(f"{settings.path.name}: vault.enabled: profile {profile.name} is in mode delegate, which "
+                              "forwards tokens from the vault: enable it (vault: {enabled: true, ...})")
         return cls(
             settings=settings,
             profile=profile,
@@ -157,7 +177,7 @@ class Gateway:
             idp_http=idp_http,
             upstream=previous.upstream if previous else UpstreamClient(cfg.upstream),
             metadata_url=metadata_url(cfg.public_url, cfg.mcp_path),
-            decisions=previous.decisions if previous else DecisionLog(cfg.decision_log, max_line_bytes=cfg.decision_log_max_line_bytes),
+            decisions=decisions,
             verified_cache=verified,
             metrics=metrics,
             sessions=previous.sessions if previous else SessionBinding(build_session_store(cfg.sessions)),
@@ -173,6 +193,8 @@ class Gateway:
                 if cfg.rate_limits.store == "redis" else MemoryQuotas(cfg.rate_limits.max_entries)),
             revision=bundle.revision,
             shadow_revision=shadow_revision,
+            vault=vault,
+            vault_broker=broker,
         )
 
     @property
@@ -216,6 +238,8 @@ class Gateway:
         if self.jwks is not None and not await self.jwks.refresh(force=True):
             log.warning("the issuer's keys could not be loaded; /readyz stays 503 until they are")
         await self.engine.start()
+        if self.vault is not None:
+            await self.vault.count()
 
     @property
     def keys_ready(self) -> bool:
@@ -233,6 +257,8 @@ class Gateway:
             self.tracing.shutdown()
             if self.oauth is not None:
                 await self.oauth.state.store.aclose()
+            if self.vault is not None:
+                await self.vault.store.aclose()
 
 
 def advertised_scopes(profile: Profile, declared: DeclaredScopes) -> tuple[str, ...]:

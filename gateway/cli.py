@@ -10,10 +10,15 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway.config.settings import ConfigError, load_config, resolve_config_path
 from gateway.policy.decision import PolicyError
 from gateway.policy.regotest import TestReport, run_tests_isolated
+
+if TYPE_CHECKING:
+    from gateway.config.profiles import Profile
+    from gateway.config.settings import Settings
 
 EXIT_CONFIG = 2
 
@@ -106,6 +111,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"profile ok: {profile.name} (issuer {profile.issuer}, mode {profile.mode.value})")
     if client is not None:
         print(f"authorization server: proxy (signs users in at the IdP as client {client.client_id})")
+    if cfg.vault.enabled:
+        problem = _vault_problem(settings, profile)
+        if problem is not None:
+            return _fail(problem)
+        print(f"vault ok: store {cfg.vault.store}, keys {', '.join(_vault_keys(settings))}")
     print(f"policy ok: {settings.bundle_dir} compiles, revision {bundle.revision}, entrypoint {cfg.policy.entrypoint}")
     report = run_tests_isolated(bundle)
     print_report(report)
@@ -123,6 +133,88 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"shadow: {settings.shadow_dir}: {problem}")
             code = code or 1
     return code
+
+
+def _vault_keys(settings: Settings) -> tuple[str, ...]:
+    from gateway.vault.crypto import Keyring
+
+    return Keyring.from_config(settings.config.vault, settings.base_dir, settings.path.name).key_ids
+
+
+def _vault_problem(settings: Settings, profile: Profile) -> str | None:
+    """What stops the vault from serving: its keys, the profile, grants no key opens."""
+    import asyncio
+
+    from gateway.mcp.jsonrpc import Refusal
+    from gateway.vault.admin import vault_admin
+
+    if not profile.vault.offline_access:
+        return (f"{settings.path.name}: vault.enabled: profile {profile.name} does not keep refresh tokens "
+                "(set vault.offline_access: true in the profile)")
+
+    async def unreadable() -> int:
+        async with vault_admin(settings) as admin:
+            return len(await admin.unreadable())
+
+    try:
+        bad = asyncio.run(unreadable())
+    except ConfigError as exc:
+        return str(exc)
+    except Refusal as exc:
+        return f"{settings.path.name}: vault.store: {exc.message}"
+    if bad:
+        return f"{settings.path.name}: vault.keys: {bad} grant(s) are sealed under keys no longer configured"
+    return None
+
+
+def cmd_vault(args: argparse.Namespace) -> int:
+    """list | revoke | rotate-key | new-key: the operator's hands on the token vault."""
+    import asyncio
+    import json
+
+    from gateway.mcp.jsonrpc import Refusal
+    from gateway.vault.admin import vault_admin
+    from gateway.vault.crypto import new_key_entry
+
+    if args.vault_command == "new-key":
+        try:
+            print(new_key_entry(args.kid))
+        except ValueError as exc:
+            return _fail(f"--kid: {exc}")
+        return 0
+    if args.vault_command == "revoke" and not (args.subject or args.grant or args.all):
+        return _fail("vault revoke: name --subject, --grant, or --all")
+
+    async def run() -> int:
+        settings = load_config(resolve_config_path(args.config))
+        async with vault_admin(settings) as admin:
+            if args.vault_command == "list":
+                grants = await admin.list()
+                if args.json:
+                    print(json.dumps(grants, indent=2))
+                    return 0
+                for g in grants:
+                    users = ", ".join(f"{u['backend']}×{u['count']} (last {u['last_used_at']})" for u in g["used_by"]) or "-"  # type: ignore[index,union-attr]
+                    print(f"{g['subject']}\t{g['id']}\tkey {g['key_id']}\tstored {g['created_at']}\trefreshed {g['refreshed_at']}"
+                          f"\tscope {g['scope'] or '-'}\tused by {users}")
+                print(f"{len(grants)} grant(s)")
+                return 0
+            if args.vault_command == "revoke":
+                removed, confirmed = await admin.revoke(args.subject, args.grant)
+                print(f"revoked {removed} grant(s); the IdP confirmed {confirmed} refresh token revocation(s)")
+                return 0 if removed else 1
+            done, current, problems = await admin.rotate()
+            print(f"re-encrypted {done} grant(s) under key {admin.keyring.current}; {current} already were")
+            for problem in problems:
+                print(f"not rotated: {problem}")
+            return 1 if problems else 0
+
+    try:
+        return asyncio.run(run())
+    except (ConfigError, PolicyError) as exc:
+        return _fail(str(exc))
+    except Refusal as exc:
+        return _fail(exc.message)
 
 
 def _opa_agrees(report: TestReport, path: Path, data_files: tuple[Path, ...] = ()) -> int:
@@ -258,6 +350,20 @@ def build_parser() -> argparse.ArgumentParser:
     preplay.add_argument("--entrypoint", default="mcp/gateway/decision")
     preplay.add_argument("--allow-changes", action="store_true", help="exit 0 even when decisions change (default: 3)")
     preplay.set_defaults(func=cmd_policy_replay)
+    vault = sub.add_parser("vault", help="the token vault: list, revoke, rotate-key, new-key")
+    vault_sub = vault.add_subparsers(dest="vault_command", required=True)
+    vlist = vault_sub.add_parser("list", help="every stored grant: user, key id, dates, scope, which backends used it (never a token)")
+    vlist.add_argument("--json", action="store_true")
+    vrevoke = vault_sub.add_parser("revoke", help="remove grants and revoke their refresh tokens at the IdP")
+    vrevoke.add_argument("--subject", help="every grant of this user (the token's sub)")
+    vrevoke.add_argument("--grant", help="this grant id")
+    vrevoke.add_argument("--all", action="store_true", help="every grant")
+    vault_sub.add_parser("rotate-key", help="re-encrypt every grant under the first key of vault.keys_env/keys_file")
+    vnew = vault_sub.add_parser("new-key", help="print a new key entry (kid=base64) to put first in the keys")
+    vnew.add_argument("--kid", required=True, help="the new key's id")
+    for command in (vlist, vrevoke, vault_sub.choices["rotate-key"]):
+        command.add_argument("--config", help="gateway.yaml (default: $GATEWAY_CONFIG)")
+    vault.set_defaults(func=cmd_vault)
     return parser
 
 

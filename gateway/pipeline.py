@@ -41,6 +41,7 @@ from gateway.ops.audit import AUDIT_LOGGER, DecisionRecord
 from gateway.policy.decision import Action, Decision, PolicyError
 from gateway.policy.input import build_input, over_budget
 from gateway.state.quotas import Exceeded, QuotaRefusal
+from gateway.vault.keeper import VaultError
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger(AUDIT_LOGGER)
@@ -357,6 +358,22 @@ async def _decide_and_forward(gw: Gateway, scope: Scope, record: DecisionRecord,
         except ExchangeError as exc:
             return refusal(exc.status, exc.reason, exc.message, request_id=mcp.id)
         bearer = exchanged.access_token  # the client's token goes no further
+    elif decision.action is Action.DELEGATE:
+        record.stage = "delegate"
+        if gw.vault is None or token.subject is None:
+            return refusal(503, "vault_not_configured", "the policy asks for a delegated token, but the vault is not enabled", request_id=mcp.id)
+        try:
+            with gw.metrics.timed("delegate"), gw.tracing.step("delegate"):
+                released = await gw.vault.release(token.issuer, token.subject, audience=decision.audience, scopes=decision.scopes,
+                                                  used_by="mcp")
+        except VaultError as exc:
+            if exc.reason == "vault_no_grant":  # sign in again (with offline access) and the vault has one
+                return refuse(record, 401, exc.reason, "no stored grant to act for this user: sign in again",
+                              request_id=mcp.id, www_authenticate=challenge(gw.metadata_url, error="invalid_token"))
+            return refusal(exc.status, exc.reason, exc.description, request_id=mcp.id)
+        bearer = released.access_token  # the client's token goes no further
+    elif decision.action is not Action.ACCEPT:
+        return refusal(503, "policy_error", f"the policy answered an MCP request with {decision.action.value}", request_id=mcp.id)
     record.stage = "upstream"
     try:
         answer = await _forward(gw, mcp, headers, bearer)

@@ -8,8 +8,11 @@ package mcp.gateway
 
 default decision := {"action": "reject", "reason": "no_rule_matched", "status": 403}
 
-# Ordered: the first matching branch is the decision.
-decision := reject(problem, 401) if {
+# Ordered: the first matching branch is the decision. A vault request (input.vault, from
+# POST /vault/token) is judged by vault.rego alone.
+decision := vault_decision if {
+	input.vault
+} else := reject(problem, 401) if {
 	problem := audience_problem
 } else := reject("unknown_message_kind", 400) if {
 	not known_request
@@ -42,6 +45,21 @@ allow := {
 	"scopes": object.get(input.profile, ["exchange", "scope"], []),
 } if {
 	input.profile.mode == "exchange"
+}
+
+allow := {
+	"action": "delegate",
+	"reason": "allowed",
+	"audience": input.profile.delegate.audience,
+	"scopes": delegate_scopes,
+} if {
+	input.profile.mode == "delegate"
+	count(delegate_scopes) > 0
+}
+
+allow := reject("delegate_no_common_scope", 403) if {
+	input.profile.mode == "delegate"
+	count(delegate_scopes) == 0
 }
 
 reject(reason, status) := {"action": "reject", "reason": reason, "status": status}

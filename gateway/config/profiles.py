@@ -30,6 +30,8 @@ _MISSING = re.compile(r"^(reject|accept|claim:[A-Za-z0-9_.-]+)$")
 class Mode(str, enum.Enum):
     PASSTHROUGH = "passthrough"
     EXCHANGE = "exchange"
+    #: forward a token derived from the user's vault grant (gateway/vault), for IdPs without exchange
+    DELEGATE = "delegate"
 
 
 def _empty_to_none(v: Any) -> Any:
@@ -141,6 +143,29 @@ class SignIn(Strict):
     _lists = pydantic.field_validator("scopes", mode="before")(_as_list)
 
 
+class DelegateSettings(Strict):
+    """What `mode: delegate` forwards: a token for this audience, with these scopes (only those
+    the client's own token also has)."""
+
+    audience: tuple[str, ...] = ()
+    scope: tuple[str, ...] = ()
+
+    _lists = pydantic.field_validator("audience", "scope", mode="before")(_as_list)
+
+
+class VaultSettings(Strict):
+    """The token vault at this IdP: keep the user's refresh token (`offline_access`) at sign-in,
+    and how a stored grant becomes a backend's token."""
+
+    #: ask for `offline_access` at sign-in, and keep the refresh token when the IdP grants it
+    offline_access: bool = False
+    #: `refresh`: the IdP's refresh grant, down-scoped; the token's audience is the IdP's choice
+    #: (Nextcloud: the gateway's client). `exchange`: refresh, then RFC 8693 exchange for the
+    #: backend's audience (Keycloak; needs the profile's `exchange` section).
+    release: Literal["refresh", "exchange"] = "refresh"
+    delegate: DelegateSettings = DelegateSettings()
+
+
 class Profile(Strict):
     name: str
     description: str = ""
@@ -162,6 +187,7 @@ class Profile(Strict):
     #: advertised in the protected resource metadata
     scopes_supported: tuple[str, ...] = ()
     sign_in: SignIn = SignIn()
+    vault: VaultSettings = VaultSettings()
 
     _none = pydantic.field_validator("discovery_url", "jwks_uri", mode="before")(_empty_to_none)
     #: policy_view() is built once: it is part of every request's policy input
@@ -184,6 +210,10 @@ class Profile(Strict):
             raise ValueError("opaque_fallback needs opaque in token_kinds")
         if self.mode is Mode.EXCHANGE and self.exchange is None:
             raise ValueError("mode is exchange: an `exchange` section is required")
+        if self.vault.release == "exchange" and self.exchange is None:
+            raise ValueError("vault.release is exchange: an `exchange` section is required")
+        if self.mode is Mode.DELEGATE and not (self.vault.offline_access and self.vault.delegate.audience):
+            raise ValueError("mode is delegate: vault.offline_access: true and vault.delegate.audience are required")
         return self
 
     @property
@@ -233,6 +263,9 @@ class Profile(Strict):
             "exchange": None
             if self.exchange is None
             else {"audience": list(self.exchange.audience), "scope": list(self.exchange.scope)},
+            "delegate": None
+            if self.mode is not Mode.DELEGATE
+            else {"audience": list(self.vault.delegate.audience), "scope": list(self.vault.delegate.scope)},
         }
 
 

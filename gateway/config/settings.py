@@ -206,6 +206,62 @@ class AuthorizationServer(Strict):
     idp_timeout: float = pydantic.Field(10.0, gt=0)
 
 
+class VaultBackend(Strict):
+    """A backend (the upstream MCP server, its workers) allowed to call `POST /vault/token`:
+    its credentials only. What it may ask for is the policy's (`data.authz.vault`)."""
+
+    client_secret: str = pydantic.Field(repr=False, min_length=16)
+    method: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
+
+
+class Vault(Strict):
+    """The token vault (gateway/vault): users' IdP refresh tokens, encrypted at rest, released
+    to registered backends as access tokens when the policy allows (docs/vault.md)."""
+
+    enabled: bool = False
+    store: Literal["sqlite", "redis"] = "sqlite"
+    #: the SQLite file (store: sqlite); relative to gateway.yaml
+    path: str = "vault.db"
+    #: the Redis server (store: redis), shared by replicas
+    url: str | None = None
+    key_prefix: str = "mcp-gateway:vault:"
+    #: seconds a store operation may take before the caller gets a 503
+    timeout: float = pydantic.Field(2.0, gt=0)
+    #: the encryption keys, `kid=<base64 of 32 bytes>` separated by commas, spaces or lines,
+    #: the first one encrypting: from this environment variable, or from this file
+    keys_env: str | None = None
+    keys_file: str | None = None
+    #: grants kept per user (one per signed-in client); the oldest is revoked beyond this
+    max_grants_per_user: int = pydantic.Field(5, ge=1, le=100)
+    #: a released access token is reused until this many seconds before it expires
+    token_margin: float = pydantic.Field(30.0, ge=0)
+    #: released access tokens kept in memory (never on disk)
+    max_cached_tokens: int = pydantic.Field(10_000, ge=0)
+    #: seconds a release waits for another release of the same user (the per-user lock)
+    lock_timeout: float = pydantic.Field(10.0, gt=0)
+    #: reasons a backend may give are at most this long
+    max_reason_chars: int = pydantic.Field(200, ge=8, le=2_000)
+    backends: dict[str, VaultBackend] = {}
+
+    @pydantic.field_validator("backends")
+    @classmethod
+    def _backend_ids(cls, v: dict[str, VaultBackend]) -> dict[str, VaultBackend]:
+        for name in v:
+            if not name or len(name) > 128 or not all(c.isalnum() or c in "._-" for c in name):
+                raise ValueError(f"backend id {name[:40]!r}: letters, digits, '.', '_' and '-' only (at most 128)")
+        return v
+
+    @pydantic.model_validator(mode="after")
+    def _consistent(self) -> Vault:
+        if not self.enabled:
+            return self
+        if self.store == "redis" and not self.url:
+            raise ValueError("store: redis needs url (redis://host:port/db)")
+        if bool(self.keys_env) == bool(self.keys_file):
+            raise ValueError("keys_env or keys_file (exactly one) must name the encryption keys")
+        return self
+
+
 class Reload(Strict):
     #: watch the policy bundle (and shadow) and the profile file; SIGHUP reloads too
     watch: bool = True
@@ -227,6 +283,7 @@ class GatewayConfig(Strict):
     sessions: Sessions = Sessions()
     rate_limits: RateLimits = RateLimits()
     authorization_server: AuthorizationServer = AuthorizationServer()
+    vault: Vault = Vault()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     #: uvicorn's one line per HTTP request (the decision log already has one per MCP request)
     access_log: bool = True
@@ -264,6 +321,13 @@ class GatewayConfig(Strict):
     def _workers_share_state(self) -> GatewayConfig:
         if (problem := worker_problem(self, self.workers)) is not None:
             raise ValueError(f"workers: {problem}")
+        return self
+
+    @pydantic.model_validator(mode="after")
+    def _vault_needs_proxy(self) -> GatewayConfig:
+        if self.vault.enabled and self.authorization_server.mode != "proxy":
+            raise ValueError("vault.enabled: the vault keeps refresh tokens the gateway receives as its clients' "
+                             "authorization server: set authorization_server.mode: proxy")
         return self
 
     @property

@@ -24,7 +24,7 @@ import re
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote, urlencode, urlsplit
 
 from gateway.auth.tokens import TokenError, TokenVerifier
@@ -81,6 +81,19 @@ def with_query(url: str, params: dict[str, str | None]) -> str:
     return url + ("&" if urlsplit(url).query else "?") + query
 
 
+class GrantKeeper(Protocol):
+    """The token vault (gateway/vault), seen from here: it owns the IdP refresh token of a
+    sign-in that asked for `offline_access`, and the client's refresh handle points at it."""
+
+    async def deposit(self, issuer: str, subject: str, refresh_token: str, scope: str | None) -> Any:
+        """Store the refresh token; returns the grant (with `grant_id`)."""
+
+    async def refresh_for_client(self, issuer: str, subject: str, grant_id: str, scope: str | None) -> IdpTokens | None:
+        """New tokens (no refresh token) for the client, or None when the grant is gone; IdpError when the IdP fails."""
+
+    async def revoke_grant(self, issuer: str, subject: str, grant_id: str) -> None: ...
+
+
 class OAuthState:
     """What outlives a reload: the store, the registry (with its document cache), rate limits."""
 
@@ -117,6 +130,8 @@ class AuthorizationServer:
         #: every scope the profile and the policy data name; the first challenge's scopes
         self._known = known_scopes
         self._initial = initial_scopes
+        #: the token vault, when it keeps this profile's refresh tokens (set by the assembly)
+        self.keeper: GrantKeeper | None = None
 
     # --- metadata ---------------------------------------------------------------------
 
@@ -202,7 +217,8 @@ class AuthorizationServer:
         profile's sign-in scopes, limited to what the profile and the policy data know."""
         wanted = requested.split() or list(self._initial)
         allowed = set(self._known) | set(self._profile.sign_in.scopes)
-        return list(dict.fromkeys([*self._profile.sign_in.scopes, *(s for s in wanted if s in allowed)]))
+        offline = ["offline_access"] if self.keeper is not None and self._profile.vault.offline_access else []
+        return list(dict.fromkeys([*self._profile.sign_in.scopes, *offline, *(s for s in wanted if s in allowed)]))
 
     # --- callback: IdP → gateway → client ---------------------------------------------
 
@@ -233,14 +249,20 @@ class AuthorizationServer:
             error = "temporarily_unavailable" if exc.unavailable else "server_error"
             return back({"error": error, "error_description": "the identity provider did not issue a token"})
         try:
-            await self._verifier.verify(tokens.access_token)
+            verified = await self._verifier.verify(tokens.access_token)
         except TokenError as exc:
             log.error("the IdP's token is not accepted by profile %s (%s): check the profile and the IdP client",
                       self._profile.name, exc.reason)
             await self._signin.revoke(tokens.refresh_token or tokens.access_token, "refresh_token" if tokens.refresh_token else "access_token")
             return back({"error": "server_error", "error_description": "the identity provider's token is not accepted by this gateway"})
         code = secrets.token_urlsafe(32)
-        entry = {**pending, "tokens": _tokens_json(tokens), "family": secrets.token_urlsafe(16)}
+        issued = _tokens_json(tokens)
+        vault = None
+        if self.keeper is not None and tokens.refresh_token and verified.subject and "offline_access" in pending["scopes"]:
+            # the vault owns the refresh token from now on; the client's handle points at it
+            grant = await self.keeper.deposit(verified.issuer, verified.subject, tokens.refresh_token, tokens.scope)
+            vault, issued["refresh_token"] = [verified.issuer, verified.subject, grant.grant_id], None
+        entry = {**pending, "tokens": issued, "family": secrets.token_urlsafe(16), "vault": vault}
         del entry["verifier"]
         await self._store.put(key_of("code", code), seal(code, "code", entry), self.config.code_ttl)
         return back({"code": code})
@@ -294,11 +316,11 @@ class AuthorizationServer:
         issued = [[tokens["access_token"], "access_token"]]
         if tokens.get("refresh_token"):
             issued.insert(0, [tokens["refresh_token"], "refresh_token"])
-        tombstone = {"family": entry["family"], "revoke": issued}
+        tombstone = {"family": entry["family"], "revoke": issued, "vault": entry.get("vault")}
         await self._store.put(key_of("used-code", code), seal(code, "used-code", tombstone), max(600.0, self.config.code_ttl * 10))
         if entry["client_id"] != client.client_id:
             log.warning("a code was presented by another client: refused, and what it issued is revoked")
-            await self._revoke_family(entry["family"], issued)
+            await self._revoke_family(entry["family"], issued, entry.get("vault"))
             raise OAuthError("invalid_grant", "the code was not issued to this client")
         if form.get("redirect_uri") != entry["redirect_uri"]:
             raise OAuthError("invalid_grant", "redirect_uri does not match the authorization request")
@@ -306,8 +328,9 @@ class AuthorizationServer:
         if not _VERIFIER.match(verifier) or not hmac.compare_digest(s256(verifier), entry["code_challenge"]):
             raise OAuthError("invalid_grant", "PKCE verification failed")
         answer = _answer(tokens)
-        if tokens.get("refresh_token") and "refresh_token" in client.grant_types:
-            answer["refresh_token"] = await self._new_handle(client.client_id, entry["family"], tokens["refresh_token"], tokens.get("scope"))
+        if (tokens.get("refresh_token") or entry.get("vault")) and "refresh_token" in client.grant_types:
+            answer["refresh_token"] = await self._new_handle(client.client_id, entry["family"], tokens.get("refresh_token"),
+                                                             tokens.get("scope"), entry.get("vault"))
         return answer
 
     async def _refresh_grant(self, client: Client, form: dict[str, str]) -> dict[str, Any]:
@@ -316,7 +339,7 @@ class AuthorizationServer:
             raise OAuthError("invalid_request", "refresh_token is required")
         entry, blob = await self._take_once("refresh", handle, "the refresh token")
         if entry["client_id"] != client.client_id:
-            await self._revoke_family(entry["family"], [[entry["idp_refresh_token"], "refresh_token"]])
+            await self._revoke_family(entry["family"], _idp_refresh(entry), entry.get("vault"))
             log.warning("a refresh token was presented by another client; its family is revoked")
             raise OAuthError("invalid_grant", "the refresh token was not issued to this client")
         requested = form.get("scope")
@@ -324,7 +347,15 @@ class AuthorizationServer:
             await self._store.put(key_of("refresh", handle), blob, self.config.refresh_ttl)  # a client mistake: keep it
             raise OAuthError("invalid_scope", "a refresh cannot add scopes: authorize again for more")
         try:
-            tokens = await self._signin.refresh(entry["idp_refresh_token"])
+            if entry.get("vault"):  # the vault owns the refresh token: it refreshes, under the user's lock
+                assert self.keeper is not None, "a vault handle outlived the vault"
+                issuer, subject, grant_id = entry["vault"]
+                refreshed = await self.keeper.refresh_for_client(issuer, subject, grant_id, requested or entry.get("scope"))
+                if refreshed is None:
+                    raise IdpError("invalid_grant", "the grant was revoked")
+                tokens = refreshed
+            else:
+                tokens = await self._signin.refresh(entry["idp_refresh_token"])
         except IdpError as exc:
             if exc.unavailable:
                 await self._store.put(key_of("refresh", handle), blob, self.config.refresh_ttl)  # try again later
@@ -332,12 +363,13 @@ class AuthorizationServer:
             await self._store.delete(key_of("family", entry["family"]))
             log.info("the IdP refused a refresh (%s): the refresh token is dead", exc.error)
             raise OAuthError("invalid_grant", "the identity provider no longer accepts this refresh token") from None
-        tombstone = {"family": entry["family"], "revoke": [[tokens.refresh_token or entry["idp_refresh_token"], "refresh_token"]]}
+        # rotation-aware: a single-use IdP refresh token is replaced by the new one
+        idp_refresh = None if entry.get("vault") else tokens.refresh_token or entry["idp_refresh_token"]
+        tombstone = {"family": entry["family"], "revoke": [[idp_refresh, "refresh_token"]] if idp_refresh else [], "vault": entry.get("vault")}
         await self._store.put(key_of("used-refresh", handle), seal(handle, "used-refresh", tombstone), self.config.refresh_ttl)
         answer = _answer(_tokens_json(tokens))
-        # rotation-aware: a single-use IdP refresh token is replaced by the new one
-        idp_refresh = tokens.refresh_token or entry["idp_refresh_token"]
-        answer["refresh_token"] = await self._new_handle(client.client_id, entry["family"], idp_refresh, tokens.scope or entry.get("scope"))
+        answer["refresh_token"] = await self._new_handle(client.client_id, entry["family"], idp_refresh, tokens.scope or entry.get("scope"),
+                                                         entry.get("vault"))
         return answer
 
     async def _take_once(self, kind: str, secret: str, what: str) -> tuple[dict[str, Any], str]:
@@ -350,9 +382,12 @@ class AuthorizationServer:
             raise OAuthError("invalid_grant", f"{what} is invalid, expired or already used")
         return entry, blob
 
-    async def _new_handle(self, client_id: str, family: str, idp_refresh_token: str, scope: str | None) -> str:
+    async def _new_handle(self, client_id: str, family: str, idp_refresh_token: str | None, scope: str | None,
+                          vault: list[str] | None = None) -> str:
+        """A refresh handle for the client: it holds the IdP refresh token, or points at the
+        vault's grant that does (`vault`: issuer, subject, grant id)."""
         handle = secrets.token_urlsafe(32)
-        entry = {"client_id": client_id, "family": family, "idp_refresh_token": idp_refresh_token, "scope": scope}
+        entry = {"client_id": client_id, "family": family, "idp_refresh_token": idp_refresh_token, "scope": scope, "vault": vault}
         await self._store.put(key_of("refresh", handle), seal(handle, "refresh", entry), self.config.refresh_ttl)
         await self._store.put(key_of("family", family), key_of("refresh", handle), self.config.refresh_ttl)
         return handle
@@ -364,15 +399,18 @@ class AuthorizationServer:
         if tombstone is None:
             return
         log.warning("a %s was used twice: refused, and the tokens it issued are revoked", kind.removeprefix("used-"))
-        await self._revoke_family(tombstone["family"], tombstone.get("revoke", []))
+        await self._revoke_family(tombstone["family"], tombstone.get("revoke", []), tombstone.get("vault"))
 
-    async def _revoke_family(self, family: str, issued: list[list[str]]) -> None:
-        """Drop the family's live refresh handle and revoke the IdP tokens (token, hint) it came from."""
+    async def _revoke_family(self, family: str, issued: list[list[str]], vault: list[str] | None = None) -> None:
+        """Drop the family's live refresh handle and revoke the IdP tokens (token, hint) it came
+        from, and the vault's grant it points at."""
         live = await self._store.take(key_of("family", family))
         if live is not None:
             await self._store.delete(live)
         for token, hint in issued:
             await self._signin.revoke(token, hint)
+        if vault and self.keeper is not None:
+            await self.keeper.revoke_grant(*vault)
 
     # --- revocation -------------------------------------------------------------------
 
@@ -390,7 +428,10 @@ class AuthorizationServer:
             if entry["client_id"] == client.client_id:
                 await self._store.delete(key_of("refresh", token))
                 await self._store.delete(key_of("family", entry["family"]))
-                await self._signin.revoke(entry["idp_refresh_token"], "refresh_token")
+                if entry.get("vault") and self.keeper is not None:
+                    await self.keeper.revoke_grant(*entry["vault"])
+                elif entry.get("idp_refresh_token"):
+                    await self._signin.revoke(entry["idp_refresh_token"], "refresh_token")
             return
         if form.get("token_type_hint") != "refresh_token":
             await self._signin.revoke(token, "access_token")
@@ -400,6 +441,10 @@ class RateLimited(OAuthError):
     def __init__(self, retry_after: float) -> None:
         super().__init__("temporarily_unavailable", "too many requests from this address; try again later", status=429)
         self.retry_after = max(1, int(retry_after + 0.999))
+
+
+def _idp_refresh(entry: dict[str, Any]) -> list[list[str]]:
+    return [[entry["idp_refresh_token"], "refresh_token"]] if entry.get("idp_refresh_token") else []
 
 
 def _tokens_json(tokens: IdpTokens) -> dict[str, Any]:

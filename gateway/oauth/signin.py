@@ -96,8 +96,12 @@ class IdpSignIn:
         form = {"grant_type": "authorization_code", "code": code, "redirect_uri": self.callback_url, "code_verifier": verifier}
         return await self._token(form)
 
-    async def refresh(self, refresh_token: str) -> IdpTokens:
-        return await self._token({"grant_type": "refresh_token", "refresh_token": refresh_token})
+    async def refresh(self, refresh_token: str, *, scope: str | None = None) -> IdpTokens:
+        """`scope`: down-scoped to these (RFC 6749 §6: at most what the grant holds)."""
+        form = {"grant_type": "refresh_token", "refresh_token": refresh_token}
+        if scope:
+            form["scope"] = scope
+        return await self._token(form)
 
     async def revoke(self, token: str, hint: str) -> bool:
         """RFC 7009 at the IdP; False when it has no revocation endpoint or did not answer 200."""

@@ -135,6 +135,14 @@ class Metrics:
             _loop_tasks
         )
 
+        #: the token vault (gateway/vault): grants held, releases to backends, failed refreshes
+        self.vault_grants = Gauge("mcp_gateway_vault_grants", "Grants (encrypted refresh tokens) the vault holds",
+                                  registry=self.registry)
+        self.vault_releases = Counter("mcp_gateway_vault_releases", "Vault releases by result", ["result"], registry=self.registry)
+        self.vault_refresh_failures = Counter("mcp_gateway_vault_refresh_failures",
+                                              "Refreshes of a stored grant the IdP refused or did not answer, by reason",
+                                              ["reason"], registry=self.registry)
+
         #: label children, bound once (`labels()` costs more than the observation itself)
         self._outcomes: dict[tuple[str, str], Any] = {}
 

@@ -17,6 +17,10 @@ class Action(str, enum.Enum):
     ACCEPT = "accept"
     EXCHANGE = "exchange"
     REJECT = "reject"
+    #: MCP requests: forward a token the vault derives from the user's grant (profile mode: delegate)
+    DELEGATE = "delegate"
+    #: vault requests (`input.vault`): the backend gets the user's token
+    RELEASE = "release"
 
 
 class PolicyError(Exception):
@@ -47,7 +51,7 @@ class Decision:
         try:
             action = Action(value.get("action"))
         except ValueError:
-            raise PolicyError(f"decision.action must be accept, exchange or reject, got {value.get('action')!r}") from None
+            raise PolicyError(f"decision.action must be accept, exchange, delegate, release or reject, got {value.get('action')!r}") from None
         reason = value.get("reason")
         if not isinstance(reason, str) or not reason:
             raise PolicyError("decision.reason must be a non-empty string")

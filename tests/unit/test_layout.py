@@ -22,6 +22,7 @@ LAYERS = [
     "gateway.policy",
     "gateway.oauth",
     "gateway.ops",
+    "gateway.vault",
     "gateway.assembly",
     "gateway.pipeline",
     "gateway.app",

@@ -1,0 +1,1 @@
+"""The token vault: users' IdP refresh tokens sealed at rest, released to backends by policy."""

@@ -1,0 +1,301 @@
+"""Where the vault's grants live: one SQLite file (default), or Redis shared by replicas.
+
+A grant is one user's (issuer, subject) sealed refresh token from one sign-in, with what the
+user may see about it (scope, when it was stored and refreshed, which backends used it). Only
+`sealed` is secret, and it is ciphertext (gateway/vault/crypto.py). Every write that replaces
+a refresh token is a compare-and-swap on the grant's `version`, and releases of one user hold
+a lock that spans processes and replicas: a single-use refresh token is spent once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from gateway.config.settings import Vault as VaultConfig
+from gateway.mcp.jsonrpc import Refusal
+from gateway.state.redis import RedisConnection
+
+
+class VaultUnavailable(Refusal):
+    def __init__(self, message: str) -> None:
+        super().__init__(503, "vault_unavailable", message)
+
+
+@dataclass(frozen=True)
+class Grant:
+    issuer: str
+    subject: str
+    grant_id: str
+    kid: str
+    sealed: str = field(repr=False)
+    scope: str
+    created_at: float
+    updated_at: float
+    version: int = 1
+    #: backend id → {"count": n, "last": unix time}
+    used_by: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def bound_to(self) -> str:
+        """What the ciphertext is bound to (AEAD associated data)."""
+        return f"{self.issuer}\n{self.subject}\n{self.grant_id}"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Grant:
+        return cls(**json.loads(raw))
+
+    def used(self, backend: str, at: float) -> Grant:
+        seen = self.used_by.get(backend, {"count": 0, "last": 0.0})
+        return replace(self, used_by={**self.used_by, backend: {"count": seen["count"] + 1, "last": at}})
+
+
+def new_grant_id() -> str:
+    return secrets.token_urlsafe(12)
+
+
+def user_key(issuer: str, subject: str) -> str:
+    return hashlib.sha256(f"{issuer}\n{subject}".encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class VaultStore(Protocol):
+    name: str
+
+    async def add(self, grant: Grant) -> None: ...
+
+    async def grants(self, issuer: str, subject: str) -> list[Grant]:
+        """The user's grants, newest first."""
+
+    async def swap(self, old: Grant, new: Grant) -> bool:
+        """Replace `old` by `new` (version + 1) if nobody changed it since it was read."""
+
+    async def remove(self, grant: Grant) -> bool: ...
+
+    async def all(self) -> list[Grant]: ...
+
+    async def count(self) -> int: ...
+
+    def lock(self, issuer: str, subject: str, timeout: float) -> contextlib.AbstractAsyncContextManager[None]:
+        """Held by one release of this user at a time, in every process sharing the store."""
+
+    async def ready(self) -> bool: ...
+
+    async def aclose(self) -> None: ...
+
+
+class LockTimeout(Refusal):
+    def __init__(self) -> None:
+        super().__init__(503, "vault_busy", "another release for this user is still running; try again")
+
+
+class SqliteVault:
+    """One file, WAL mode: readable by several worker processes on one host. Calls run in a
+    thread (one connection, serialised) so a slow disk never holds the event loop."""
+
+    name = "sqlite"
+    _SCHEMA = """
+    CREATE TABLE IF NOT EXISTS grants (
+        issuer TEXT NOT NULL, subject TEXT NOT NULL, grant_id TEXT NOT NULL, kid TEXT NOT NULL,
+        sealed TEXT NOT NULL, scope TEXT NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL,
+        version INTEGER NOT NULL, used_by TEXT NOT NULL, PRIMARY KEY (issuer, subject, grant_id));
+    CREATE TABLE IF NOT EXISTS locks (name TEXT PRIMARY KEY, owner TEXT NOT NULL, expires REAL NOT NULL);
+    """
+
+    def __init__(self, path: Path, timeout: float) -> None:
+        self.path = path
+        self._timeout = timeout
+        self._db: sqlite3.Connection | None = None
+        self._guard = threading.Lock()
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._db is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, timeout=self._timeout, check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA secure_delete=ON")  # a removed refresh token's ciphertext is overwritten
+            db.executescript(self._SCHEMA)
+            self.path.chmod(0o600)
+            self._db = db
+        return self._db
+
+    async def _run(self, work: Any, *args: Any) -> Any:
+        def call() -> Any:
+            with self._guard:
+                return work(self._connection(), *args)
+
+        try:
+            return await asyncio.to_thread(call)
+        except sqlite3.Error as exc:
+            raise VaultUnavailable(f"the vault's store cannot be used ({type(exc).__name__})") from None
+
+    @staticmethod
+    def _row(row: tuple[Any, ...]) -> Grant:
+        *head, used_by = row
+        return Grant(*head, used_by=json.loads(used_by))
+
+    @staticmethod
+    def _values(g: Grant) -> tuple[Any, ...]:
+        return (g.issuer, g.subject, g.grant_id, g.kid, g.sealed, g.scope, g.created_at, g.updated_at, g.version,
+                json.dumps(g.used_by))
+
+    async def add(self, grant: Grant) -> None:
+        await self._run(lambda db: db.execute("INSERT INTO grants VALUES (?,?,?,?,?,?,?,?,?,?)", self._values(grant)))
+
+    async def grants(self, issuer: str, subject: str) -> list[Grant]:
+        rows = await self._run(lambda db: db.execute(
+            "SELECT * FROM grants WHERE issuer=? AND subject=? ORDER BY created_at DESC", (issuer, subject)).fetchall())
+        return [self._row(r) for r in rows]
+
+    async def swap(self, old: Grant, new: Grant) -> bool:
+        def work(db: sqlite3.Connection) -> bool:
+            cur = db.execute(
+                "UPDATE grants SET kid=?, sealed=?, scope=?, updated_at=?, version=?, used_by=? "
+                "WHERE issuer=? AND subject=? AND grant_id=? AND version=?",
+                (new.kid, new.sealed, new.scope, new.updated_at, old.version + 1, json.dumps(new.used_by),
+                 old.issuer, old.subject, old.grant_id, old.version))
+            return cur.rowcount == 1
+
+        return bool(await self._run(work))
+
+    async def remove(self, grant: Grant) -> bool:
+        cur = await self._run(lambda db: db.execute(
+            "DELETE FROM grants WHERE issuer=? AND subject=? AND grant_id=?", (grant.issuer, grant.subject, grant.grant_id)))
+        return bool(cur.rowcount)
+
+    async def all(self) -> list[Grant]:
+        rows = await self._run(lambda db: db.execute("SELECT * FROM grants ORDER BY issuer, subject, created_at").fetchall())
+        return [self._row(r) for r in rows]
+
+    async def count(self) -> int:
+        return int((await self._run(lambda db: db.execute("SELECT COUNT(*) FROM grants").fetchone()))[0])
+
+    @contextlib.asynccontextmanager
+    async def lock(self, issuer: str, subject: str, timeout: float) -> AsyncIterator[None]:
+        name, owner = user_key(issuer, subject), secrets.token_hex(8)
+
+        def take(db: sqlite3.Connection) -> bool:
+            now = time.time()
+            cur = db.execute(
+                "INSERT INTO locks VALUES (?,?,?) ON CONFLICT(name) DO UPDATE SET owner=excluded.owner, "
+                "expires=excluded.expires WHERE locks.expires < ?", (name, owner, now + timeout + 30, now))
+            return cur.rowcount == 1
+
+        deadline = time.monotonic() + timeout
+        while not await self._run(take):
+            if time.monotonic() > deadline:
+                raise LockTimeout()
+            await asyncio.sleep(0.05)
+        try:
+            yield
+        finally:
+            await self._run(lambda db: db.execute("DELETE FROM locks WHERE name=? AND owner=?", (name, owner)))
+
+    async def ready(self) -> bool:
+        try:
+            await self._run(lambda db: db.execute("SELECT 1").fetchone())
+        except VaultUnavailable:
+            return False
+        return True
+
+    async def aclose(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            await asyncio.to_thread(db.close)
+
+
+_SWAP = """
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if not current then return 0 end
+if cjson.decode(current)['version'] ~= tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
+"""
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class RedisVault:
+    """Shared by replicas: one hash `<prefix>grants` (field `<user>:<grant id>` → the grant as
+    JSON), a set of grant ids per user, swaps by a Lua compare-and-set, locks by SET NX PX."""
+
+    name = "redis"
+
+    def __init__(self, url: str, prefix: str, timeout: float) -> None:
+        self._prefix = prefix
+        self._redis = RedisConnection(url, timeout, lambda error: VaultUnavailable(f"the vault's store cannot be reached ({error})"))
+
+    def _field(self, g: Grant) -> str:
+        return f"{user_key(g.issuer, g.subject)}:{g.grant_id}"
+
+    async def add(self, grant: Grant) -> None:
+        await self._redis.call("hset", self._prefix + "grants", self._field(grant), grant.to_json())
+        await self._redis.call("sadd", self._prefix + "user:" + user_key(grant.issuer, grant.subject), grant.grant_id)
+
+    async def grants(self, issuer: str, subject: str) -> list[Grant]:
+        user = user_key(issuer, subject)
+        ids = await self._redis.call("smembers", self._prefix + "user:" + user)
+        if not ids:
+            return []
+        fields = [f"{user}:{i.decode() if isinstance(i, bytes) else i}" for i in ids]
+        raws = await self._redis.call("hmget", self._prefix + "grants", fields)
+        found = [Grant.from_json(r) for r in raws if r]
+        return sorted(found, key=lambda g: g.created_at, reverse=True)
+
+    async def swap(self, old: Grant, new: Grant) -> bool:
+        stored = replace(new, version=old.version + 1)
+        done = await self._redis.call("eval", _SWAP, 1, self._prefix + "grants", self._field(old), old.version, stored.to_json())
+        return bool(done)
+
+    async def remove(self, grant: Grant) -> bool:
+        removed = await self._redis.call("hdel", self._prefix + "grants", self._field(grant))
+        await self._redis.call("srem", self._prefix + "user:" + user_key(grant.issuer, grant.subject), grant.grant_id)
+        return bool(removed)
+
+    async def all(self) -> list[Grant]:
+        raws = await self._redis.call("hvals", self._prefix + "grants")
+        return sorted((Grant.from_json(r) for r in raws), key=lambda g: (g.issuer, g.subject, g.created_at))
+
+    async def count(self) -> int:
+        return int(await self._redis.call("hlen", self._prefix + "grants"))
+
+    @contextlib.asynccontextmanager
+    async def lock(self, issuer: str, subject: str, timeout: float) -> AsyncIterator[None]:
+        key, owner = self._prefix + "lock:" + user_key(issuer, subject), secrets.token_hex(8)
+        deadline = time.monotonic() + timeout
+        while not await self._redis.call("set", key, owner, nx=True, px=int((timeout + 30) * 1000)):
+            if time.monotonic() > deadline:
+                raise LockTimeout()
+            await asyncio.sleep(0.05)
+        try:
+            yield
+        finally:
+            await self._redis.call("eval", _UNLOCK, 1, key, owner)
+
+    async def ready(self) -> bool:
+        return await self._redis.ready()
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
+
+def build_vault_store(config: VaultConfig, base_dir: Path) -> VaultStore:
+    if config.store == "redis":
+        assert config.url is not None  # the config model requires it
+        return RedisVault(config.url, config.key_prefix, config.timeout)
+    path = Path(config.path)
+    return SqliteVault(path if path.is_absolute() else base_dir / path, config.timeout)
