@@ -24,7 +24,7 @@ FORBIDDEN_ALGORITHMS = frozenset({"none", "HS256", "HS384", "HS512"})
 ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )
-_MISSING = re.compile(r"^(reject|accept|claim:[A-Za-z0-9_.-]+)$")
+_MISSING = re.compile(r"^(reject|accept|claim:[A-Za-z0-9_.-]+)\Z")  # \Z, not $: `$` also matches before a final newline
 
 
 class Mode(str, enum.Enum):

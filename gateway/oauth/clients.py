@@ -232,7 +232,7 @@ class Registry:
 
 # --- Client ID Metadata Documents ---------------------------------------------------------
 
-_PATH_OK = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*$")
+_PATH_OK = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*\Z")
 
 
 def _address_allowed(address: str, allow_private: bool) -> bool:

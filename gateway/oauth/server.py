@@ -49,7 +49,7 @@ REGISTER_PATH = "/oauth/register"
 REVOKE_PATH = "/oauth/revoke"
 CALLBACK_PATH = "/oauth/callback"
 
-_CHALLENGE = re.compile(r"^[A-Za-z0-9._~-]{43,128}$")
+_CHALLENGE = re.compile(r"^[A-Za-z0-9._~-]{43,128}\Z")  # \Z, not $: `$` also matches before a final newline
 _VERIFIER = _CHALLENGE
 #: IdP errors passed on to the client as they are; anything else becomes server_error
 _PASSED_ERRORS = frozenset({"access_denied", "invalid_scope", "login_required", "consent_required", "interaction_required",

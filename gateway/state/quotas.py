@@ -18,7 +18,7 @@ from gateway.state.ratelimit import TokenBuckets
 
 PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
 #: "60/minute", "1/hour"... (the schema allows exactly these)
-RATE = re.compile(r"^([1-9][0-9]{0,8})/(second|minute|hour|day)$")
+RATE = re.compile(r"^([1-9][0-9]{0,8})/(second|minute|hour|day)\Z")  # \Z, not $: `$` also matches before a final newline
 
 
 @dataclass(frozen=True, slots=True)
