@@ -239,6 +239,8 @@ class Vault(Strict):
     max_cached_tokens: int = pydantic.Field(10_000, ge=0)
     #: seconds a release waits for another release of the same user (the per-user lock)
     lock_timeout: float = pydantic.Field(10.0, gt=0)
+    #: failed backend authentications per client address per minute before its requests get 429
+    failed_auth_per_address_per_minute: int = pydantic.Field(20, ge=1)
     #: reasons a backend may give are at most this long
     max_reason_chars: int = pydantic.Field(200, ge=8, le=2_000)
     backends: dict[str, VaultBackend] = {}

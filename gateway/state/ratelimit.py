@@ -33,6 +33,12 @@ class TokenBuckets:
             self._buckets.popitem(last=False)
         return wait
 
+    def wait(self, key: str, capacity: float, period: float) -> float:
+        """Seconds until `key` may pass one more, without counting anything (0: now)."""
+        tokens, seen = self._buckets.get(key, (capacity, time.monotonic()))
+        tokens = min(capacity, tokens + (time.monotonic() - seen) * capacity / period)
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) * period / capacity
+
     def clear(self) -> None:
         self._buckets.clear()
 

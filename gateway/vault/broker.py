@@ -108,6 +108,10 @@ class Broker:
                 self.vault.note_result(exc.reason if exc.status == 401 else "refused" if exc.error == "access_denied" else "bad_request")
             record.result = {**(record.result or {}), "outcome": exc.reason, "status": exc.status}
             raise
+        except Exception:
+            status = 500
+            record.result = {**(record.result or {}), "outcome": "internal_error", "status": 500}
+            raise
         finally:
             self._decisions.write(record, status=status)
             result = record.result or {}
@@ -116,7 +120,15 @@ class Broker:
                        (record.input or {}).get("vault", {}).get("user", {}).get("subject"), result.get("outcome"), status)
 
     async def _token(self, params: dict[str, Any], authorization: str | None, record: DecisionRecord) -> dict[str, Any]:
-        backend = self.authenticate(params, authorization)
+        state = self.vault.state
+        if (wait := state.blocked_for(record.requested_by or "")) > 0:
+            raise VaultError(429, "temporarily_unavailable", "vault_client_blocked",
+                             "too many failed authentications from this address; try again later", retry_after=wait)
+        try:
+            backend = self.authenticate(params, authorization)
+        except VaultError:
+            state.failed(record.requested_by or "")
+            raise
         subject = _text(params, "subject", 256)
         audience = _text(params, "audience", 512)
         scopes = _scopes(params.get("scope", ""))

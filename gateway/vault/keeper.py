@@ -32,6 +32,7 @@ from gateway.config.settings import Vault as VaultConfig
 from gateway.mcp.jsonrpc import Refusal
 from gateway.oauth.signin import IdpError, IdpSignIn, IdpTokens
 from gateway.ops.metrics import Metrics
+from gateway.state.ratelimit import TokenBuckets
 from gateway.vault.crypto import Keyring, SealError
 from gateway.vault.store import Grant, VaultStore, build_vault_store, new_grant_id
 
@@ -42,9 +43,10 @@ class VaultError(Exception):
     """A release that cannot be served: `error` is the OAuth error the caller gets, `reason`
     what the decision log and metrics say. Never holds a token."""
 
-    def __init__(self, status: int, error: str, reason: str, description: str) -> None:
+    def __init__(self, status: int, error: str, reason: str, description: str, *, retry_after: float = 0.0) -> None:
         super().__init__(description)
         self.status, self.error, self.reason, self.description = status, error, reason, description
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,15 @@ class VaultState:
         self.store: VaultStore = build_vault_store(config, base_dir)
         self.cache: OrderedDict[CacheKey, Released] = OrderedDict()
         self.locks: dict[str, asyncio.Lock] = {}
+        #: failed backend authentications per address (a bucket each: emptied, the address waits)
+        self.failures = TokenBuckets()
+
+    def blocked_for(self, address: str) -> float:
+        """Seconds this address stays refused after too many failed authentications (0: not)."""
+        return self.failures.wait(address, self.config.failed_auth_per_address_per_minute, 60.0)
+
+    def failed(self, address: str) -> None:
+        self.failures.take(address, self.config.failed_auth_per_address_per_minute, 60.0)
 
     def local_lock(self, issuer: str, subject: str) -> asyncio.Lock:
         key = f"{issuer}\n{subject}"

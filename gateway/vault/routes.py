@@ -30,6 +30,8 @@ def _broker(request: Request[Any, Any, Any]) -> Broker:
 
 def _error(exc: VaultError) -> Response[bytes]:
     headers = dict(_NO_STORE)
+    if exc.retry_after:
+        headers["Retry-After"] = str(max(1, int(exc.retry_after + 0.999)))
     if exc.status == 401:
         headers["WWW-Authenticate"] = 'Basic realm="mcp-authz-gateway vault"' if exc.error == "invalid_client" else \
             f'Bearer error="{exc.error}"'

@@ -63,10 +63,12 @@ class VaultSetup:
 
     def config(self, store: dict[str, Any], **vault: Any) -> dict[str, Any]:
         data = self.tmp / "vault-authz.yaml"
-        data.write_text(yaml.safe_dump({"authz": {"vault": {"backends": {
+        text = yaml.safe_dump({"authz": {"vault": {"backends": {
             "notes-sync": {"audiences": [self.audience], "scopes": ["notes.read", "notes.write"]},
             "reports": {"audiences": [self.audience], "scopes": ["notes.read"]},
-        }}}}))
+        }}}})
+        if not data.exists() or data.read_text() != text:  # rewritten, running gateways would reload
+            data.write_text(text)
         return {
             "authorization_server": {"mode": "proxy"},
             "policy": {"bundle": str(ROOT / "policies"), "data": [NOTES_DATA, str(data)]},
@@ -465,3 +467,13 @@ def test_delegate_mode_forwards_a_vault_token_never_the_clients(nextcloud_setup:
                                 "MCP-Protocol-Version": "2025-11-25"})
     assert again.status_code == 401 and "invalid_token" in again.headers["www-authenticate"]
     assert again.json()["error"]["data"]["reason"] == "vault_no_grant"
+
+
+def test_guessing_backend_secrets_from_one_address_is_slowed_down(nextcloud_setup: VaultSetup, gateways: Any) -> None:
+    setup = nextcloud_setup
+    gw = setup.start(gateways, setup.config({"path": str(setup.tmp / "guess.db")}, failed_auth_per_address_per_minute=3))
+    for _ in range(3):
+        assert release(gw, "alice", audience=setup.audience, secret="guess-0123456789abcdef").status_code == 401
+    blocked = release(gw, "alice", audience=setup.audience)  # even the right secret waits now
+    assert blocked.status_code == 429 and int(blocked.headers["retry-after"]) >= 1
+    assert blocked.json()["error"] == "temporarily_unavailable"
