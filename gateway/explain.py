@@ -28,7 +28,8 @@ from gateway.policy.input import build_input
 
 #: the default policy's checks, in the order its decision applies them (docs/policy.md)
 CHECKS = ("audience_problem", "known_request", "known_method", "invalid_tool_name", "targets", "catalogue_problem",
-          "client_problem", "claim_problem", "missing", "argument_problem", "custom_problem")
+          "client_problem", "claim_problem", "missing", "argument_problem", "custom_problem",
+          "vault_backend", "vault_audience_allowed", "vault_extra_scopes")
 
 
 def redact(raw: str) -> str:
@@ -65,6 +66,13 @@ def what_happens(decision: Decision, profile: Profile) -> str:
             f"exchange the client's token for audience {', '.join(audience) or '(none)'} "
             f"with scopes {', '.join(scopes) or '(the token’s own)'}, then forward only the new token"
         )
+    if decision.action is Action.DELEGATE:
+        return (f"forward a token the vault derives from the user's stored grant, for audience "
+                f"{', '.join(decision.audience) or '(the IdP’s choice)'} with scopes {', '.join(decision.scopes) or '(the grant’s)'}; "
+                "the client's token goes no further (no grant: 401, sign in again)")
+    if decision.action is Action.RELEASE:
+        return (f"release the user's token to the backend, for audience {', '.join(decision.audience)} "
+                f"with scopes {', '.join(decision.scopes)} (POST /vault/token answers it)")
     status = decision.status or 403
     extra = ""
     if status == 401:

@@ -156,6 +156,21 @@ def stored_refresh_tokens(db: Path, key: bytes) -> list[str]:
     return out
 
 
+def redis_refresh_tokens(url: str, prefix: str, key: bytes) -> list[str]:
+    """The refresh tokens in the Redis store, opened with the test's key."""
+    import redis as redis_py
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    out = []
+    with redis_py.Redis.from_url(url) as client:
+        for raw in client.hvals(prefix + "grants"):
+            grant = json.loads(raw)
+            sealed = base64.b64decode(grant["sealed"])
+            bound = f"{grant['issuer']}\n{grant['subject']}\n{grant['grant_id']}".encode()
+            out.append(json.loads(AESGCM(key).decrypt(sealed[:12], sealed[12:], bound))["refresh_token"])
+    return out
+
+
 def idp_refresh(idp: OpenIdProvider, refresh_token: str) -> httpx.Response:
     return httpx.post(idp.issuer + "/token", data={"grant_type": "refresh_token", "refresh_token": refresh_token}, auth=IDP_CLIENT)
 
@@ -249,6 +264,14 @@ def test_refusals_by_policy_never_reveal_whether_a_user_has_a_grant(nextcloud_se
         assert resp.status_code == 403 and resp.json()["error"] == "access_denied"
     reasons = [line["result"]["reason"] for line in decisions(gw)]
     assert reasons[:5] == ["vault_backend_not_allowed"] * 2 + ["vault_scope_not_allowed"] * 2 + ["vault_audience_not_allowed"]
+
+    # a logged vault decision explains like any other: decided again, each check with its value
+    first = decisions(gw)[0]
+    explained = subprocess.run([sys.executable, "-m", "gateway.cli", "explain", "--config", str(gw.config_path), "--decision-id",
+                                first["decision_id"], "--log", yaml.safe_load(gw.config_path.read_text())["decision_log"]],
+                               cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, **setup.env, "TEST_VAULT_KEYS": KEY1})
+    assert explained.returncode == 0, explained.stdout + explained.stderr
+    assert "the same decision as logged" in explained.stdout and '"vault_backend_not_allowed"' in explained.stdout
 
     # an allowed backend may learn that a user has no grant
     missing = release(gw, "nobody", audience=setup.audience)
@@ -376,18 +399,24 @@ def test_key_rotation_keeps_every_grant_readable_and_no_refresh_token_is_stored_
         assert release(gw, user, audience=setup.audience).status_code == 200
 
     def at_rest() -> bytes:
+        """Every byte the store keeps: the SQLite file with its WAL, or Redis's whole database
+        saved uncompressed (SAVE into its own directory)."""
         if redis is None:
-            return b"".join(p.read_bytes() for p in db.parent.glob(db.name + "*"))  # the file, its WAL and shared memory
-        return redis.command("HVALS", prefix + "grants").encode()
+            return b"".join(p.read_bytes() for p in db.parent.glob(db.name + "*"))
+        import redis as redis_py
 
-    if redis is None:
-        tokens = stored_refresh_tokens(db, b"1" * 32)
-        assert len(tokens) == 2
-        for token in tokens:
-            assert token.encode() not in at_rest()
-    else:
-        assert b'"kid":"k1"' in at_rest() and b"gina" in at_rest()
-    assert b"refresh_token" not in at_rest()
+        with redis_py.Redis.from_url(redis.url) as client:
+            client.config_set("rdbcompression", "no")
+            client.save()
+            return (Path(client.config_get("dir")["dir"]) / client.config_get("dbfilename")["dbfilename"]).read_bytes()
+
+    tokens = stored_refresh_tokens(db, b"1" * 32) if redis is None else redis_refresh_tokens(redis.url, prefix, b"1" * 32)
+    assert len(tokens) == 2
+    dump = at_rest()
+    assert b"gina" in dump and b"hugo" in dump  # the search is over the right bytes
+    for token in tokens:
+        assert token.encode() not in dump
+    assert b"refresh_token" not in dump
 
     # the operator puts a new key first and re-encrypts; then the old key can go
     both = f"{KEY2},{KEY1}"
