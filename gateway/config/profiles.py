@@ -72,7 +72,7 @@ class ClaimNames(Strict):
 
 
 class AudienceRules(Strict):
-    """The audience rules of idp-facts.md as data. Entries may use `{resource}` and `{public_url}`."""
+    """The audience rules (docs/profiles.md) as data. Entries may use `{resource}` and `{public_url}`."""
 
     #: at least one audience must match one of these ("*" matches any); empty accepts any
     accept: tuple[str, ...] = ()

@@ -92,7 +92,13 @@ async def replay(log_file: Path, engine: PolicyEngine) -> ReplayReport:
             report.replayed += 1
             decision_id = str(entry.get("decision_id", f"line {number}"))
             mcp = policy_input.get("mcp") if isinstance(policy_input.get("mcp"), dict) else {}
-            what = f"tool={mcp['tool']}" if mcp.get("tool") else f"method={mcp.get('method') or policy_input.get('request', {}).get('method')}"
+            vault = policy_input.get("vault") if isinstance(policy_input.get("vault"), dict) else None
+            if vault is not None:  # a backend's ask of the token vault (POST /vault/token)
+                what = f"vault backend={(vault.get('backend') or {}).get('id')}"
+            elif mcp.get("tool"):
+                what = f"tool={mcp['tool']}"
+            else:
+                what = f"method={mcp.get('method') or (policy_input.get('request') or {}).get('method')}"
             try:
                 new: dict[str, Any] = (await engine.decide(policy_input)).as_dict()
             except PolicyError as exc:

@@ -206,3 +206,20 @@ def test_coverage_of_the_shipped_policies(capsys: Any) -> None:
         print("\n" + "\n".join(line for line in run.stdout.splitlines() if "coverage" in line or ".rego:" in line))
     assert figure >= 95, run.stdout
     assert "policies/tools.rego:" in run.stdout and "policies/gateway.rego:" in run.stdout
+
+
+def test_check_passes_on_the_vault_example_and_names_what_is_missing(tmp_path: Path) -> None:
+    import base64
+
+    env = {**SHIPPED_ENV, "VAULT_PATH": str(tmp_path / "vault.db"), "NOTES_SYNC_SECRET": "n" * 24, "REPORTS_SECRET": "r" * 24}
+    key = "k1=" + base64.b64encode(os.urandom(32)).decode()
+    ok = cli("check", "--config", "examples/vault-gateway.yaml", env={**env, "MCP_GATEWAY_VAULT_KEYS": key})
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "vault ok: store sqlite, keys k1" in ok.stdout and key.split("=", 1)[1] not in ok.stdout + ok.stderr
+    no_keys = cli("check", "--config", "examples/vault-gateway.yaml", env=env)
+    assert no_keys.returncode == 2
+    assert "vault-gateway.yaml: vault.keys_env: the environment variable MCP_GATEWAY_VAULT_KEYS is not set" in no_keys.stderr
+    short = cli("check", "--config", "examples/vault-gateway.yaml", env={**env, "MCP_GATEWAY_VAULT_KEYS": "k1=c2hvcnQ="})
+    assert short.returncode == 2 and "vault.keys_env: key k1 must be 32 bytes (AES-256), it has 5" in short.stderr
+    served = cli("serve", "--config", "examples/vault-gateway.yaml", "--port", str(free_port()), env=env)  # start-up stops the same way
+    assert served.returncode == 2 and "vault.keys_env: the environment variable" in served.stderr

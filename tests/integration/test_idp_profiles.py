@@ -219,7 +219,7 @@ def test_revocation_seen_after_the_cache_ceiling(gateways, nextcloud_idp, nextcl
     assert post(gw.mcp_url, token, LIST).status_code == 401
 
 
-# --- The five audience rules of idp-facts.md, as profile data, against real tokens ------
+# --- The five audience rules of docs/profiles.md, as profile data, against real tokens -
 
 RULES = {
     "A_strict": {"accept": ["nextcloud-mcp-server"], "missing": "reject"},

@@ -273,6 +273,18 @@ def test_refusals_by_policy_never_reveal_whether_a_user_has_a_grant(nextcloud_se
     assert explained.returncode == 0, explained.stdout + explained.stderr
     assert "the same decision as logged" in explained.stdout and '"vault_backend_not_allowed"' in explained.stdout
 
+    # a candidate policy that lets the stranger in shows up in a replay of these lines
+    candidate = setup.tmp / "candidate-authz.yaml"
+    candidate.write_text(yaml.safe_dump({"authz": {"vault": {"backends": {
+        "stranger": {"audiences": [setup.audience], "scopes": ["notes.read"]},
+        "notes-sync": {"audiences": [setup.audience], "scopes": ["notes.read", "notes.write"]},
+        "reports": {"audiences": [setup.audience], "scopes": ["notes.read"]}}}}}))
+    replayed = subprocess.run([sys.executable, "-m", "gateway.cli", "policy", "replay", "--log",
+                               yaml.safe_load(gw.config_path.read_text())["decision_log"], "--bundle", str(ROOT / "policies"),
+                               "--data", NOTES_DATA, "--data", str(candidate)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert replayed.returncode == 3, replayed.stdout + replayed.stderr
+    assert "vault backend=stranger" in replayed.stdout and "release/allowed" in replayed.stdout
+
     # an allowed backend may learn that a user has no grant
     missing = release(gw, "nobody", audience=setup.audience)
     assert missing.status_code == 400 and missing.json()["error"] == "invalid_grant"
@@ -369,6 +381,13 @@ def test_revocation_by_the_user_and_by_the_operator_takes_effect_at_once(keycloa
     refused = release(gw, "erin", audience=setup.audience)  # the cached token is not handed out any more
     assert refused.status_code == 400 and refused.json()["error"] == "invalid_grant"
     assert idp_refresh(setup.idp, erin_rt).json()["error"] == "invalid_grant"  # revoked at the IdP
+
+    # a client that logs out (revokes its refresh handle) revokes its grant too
+    lena = sign_in(gw, "lena")
+    logout = httpx.post(gw.base + "/oauth/revoke", data={"token": lena["refresh_token"], "token_type_hint": "refresh_token",
+                                                         "client_id": lena["client_id"]})
+    assert logout.status_code == 200
+    assert httpx.get(gw.base + "/vault/grants", headers={"Authorization": f"Bearer {lena['access_token']}"}).json()["grants"] == []
 
     # the operator, from another process, while the gateway holds a cached token for frank
     sign_in(gw, "frank")

@@ -47,7 +47,7 @@ def policy_input(tok: VerifiedToken, prof: Profile, tool: str = "list_notes") ->
     return build_input(token=tok, profile=prof, mcp=mcp, http_method="POST", path="/mcp", headers={"authorization": "Bearer secret", "user-agent": "t"}, remote_addr="127.0.0.1", resource=RESOURCE)
 
 
-# The five audience rules of idp-facts.md, each only profile data, against a token matrix.
+# The five audience rules of docs/profiles.md, each only profile data, against a token matrix.
 RULES = {
     "A_strict": {"accept": ["mcp-client"], "missing": "reject"},
     "B_flexible": {"accept": ["*"], "reject": ["nextcloud"], "missing": "accept"},
