@@ -163,7 +163,8 @@ class Gateway:
             vault = Vault(vault_state, profile=profile, signin=signin, verifier=verifier, exchanger=exchanger, metrics=metrics)
             oauth.keeper = vault
             broker = Broker(vault, cfg.vault, profile=profile, engine=engine.engine if isinstance(engine, CachingEngine) else engine,
-                            verifier=verifier, decisions=decisions, revision=bundle.revision)
+                            verifier=verifier, decisions=decisions, revision=bundle.revision, metrics=metrics,
+                            shadow=shadow, shadow_revision=shadow_revision)
         elif profile.mode.value == "delegate":
             raise ConfigError(f"{settings.path.name}: vault.enabled: profile {profile.name} is in mode delegate, which "
                               "forwards tokens from the vault: enable it (vault: {enabled: true, ...})")

@@ -13,7 +13,6 @@ answers; `send_reply` writes it, relaying a stream until it ends or the client l
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -38,6 +37,7 @@ from gateway.mcp.messages import (
 from gateway.mcp.sessions import Owner, SessionNotFound, session_owner
 from gateway.mcp.upstream import UpstreamAnswer, UpstreamError, forwarded_headers
 from gateway.ops.audit import AUDIT_LOGGER, DecisionRecord
+from gateway.ops.shadow import compare_shadow
 from gateway.policy.decision import Action, Decision, PolicyError
 from gateway.policy.input import build_input, over_budget
 from gateway.state.quotas import Exceeded, QuotaRefusal
@@ -318,7 +318,7 @@ async def _decide_and_forward(gw: Gateway, scope: Scope, record: DecisionRecord,
         record.eval_ns = time.perf_counter_ns() - started
     record.result = decision.as_dict()
     if gw.shadow is not None:
-        await _compare_shadow(gw, record, policy_input)
+        await compare_shadow(gw.shadow, gw.metrics, record, policy_input)
     audit.info(  # %r: a name with CR, LF or NUL cannot forge a line of its own
         "decision id=%s action=%s reason=%r sub=%r kind=%s method=%r name=%r",
         record.decision_id, decision.action.value, decision.reason, token.subject, token.kind, mcp.method or mcp.http_method, mcp.name,
@@ -393,26 +393,6 @@ async def _decide_and_forward(gw: Gateway, scope: Scope, record: DecisionRecord,
     if answer.stream is not None:
         answer = on_close(answer, release)
     return _relay(answer)
-
-
-async def _compare_shadow(gw: Gateway, record: DecisionRecord, policy_input: dict[str, Any]) -> None:
-    """Evaluate the shadow policy on the same input; log and count, never act."""
-    assert gw.shadow is not None
-    try:
-        shadow = (await gw.shadow.decide(policy_input)).as_dict()
-    except PolicyError as exc:
-        gw.metrics.shadow.labels("error").inc()
-        log.warning("shadow policy error on decision %s: %s", record.decision_id, exc)
-        return
-    if shadow == record.result:
-        gw.metrics.shadow.labels("agree").inc()
-        return
-    gw.metrics.shadow.labels("disagree").inc()
-    record.shadow_result = shadow
-    log.warning(
-        "shadow policy disagrees on decision %s: live=%s shadow=%s",
-        record.decision_id, json.dumps(record.result), json.dumps(shadow),
-    )
 
 
 def refuse(record: DecisionRecord, status: int, reason: str, message: str, **kwargs: Any) -> Reply:
@@ -491,7 +471,7 @@ def _visible_names(gw: Gateway, policy_input: dict[str, Any], parent: DecisionRe
             record.eval_ns = time.perf_counter_ns() - started
         record.result = decision.as_dict()
         if gw.shadow is not None:
-            await _compare_shadow(gw, record, listing_input)
+            await compare_shadow(gw.shadow, gw.metrics, record, listing_input)
         gw.decisions.write(record, status=200)
         if decision.action is Action.REJECT or decision.visible is None:
             log.warning("the policy gave no visible set for %s; every item hidden", listing.method)

@@ -25,6 +25,8 @@ from gateway.auth.tokens import TokenError, TokenVerifier, bearer_token
 from gateway.config.profiles import Profile
 from gateway.config.settings import Vault as VaultConfig
 from gateway.ops.audit import AUDIT_LOGGER, DecisionLog, DecisionRecord
+from gateway.ops.metrics import Metrics
+from gateway.ops.shadow import compare_shadow
 from gateway.policy.decision import Action, PolicyEngine, PolicyError
 from gateway.vault.keeper import Vault, VaultError
 from gateway.vault.store import Grant
@@ -64,7 +66,8 @@ def _scopes(value: Any) -> tuple[str, ...]:
 
 class Broker:
     def __init__(self, vault: Vault, config: VaultConfig, *, profile: Profile, engine: PolicyEngine, verifier: TokenVerifier,
-                 decisions: DecisionLog, revision: str) -> None:
+                 decisions: DecisionLog, revision: str, metrics: Metrics, shadow: PolicyEngine | None = None,
+                 shadow_revision: str | None = None) -> None:
         self.vault = vault
         self._config = config
         self._profile = profile
@@ -72,6 +75,9 @@ class Broker:
         self._verifier = verifier
         self._decisions = decisions
         self._revision = revision
+        self._metrics = metrics
+        self._shadow = shadow
+        self._shadow_revision = shadow_revision
 
     # --- POST /vault/token ------------------------------------------------------------
 
@@ -98,7 +104,8 @@ class Broker:
         return client_id
 
     async def token(self, params: dict[str, Any], authorization: str | None, address: str) -> dict[str, Any]:
-        record = DecisionRecord(path=TOKEN_PATH, stage="vault", requested_by=address, revision=self._revision)
+        record = DecisionRecord(path=TOKEN_PATH, stage="vault", requested_by=address, revision=self._revision,
+                                shadow_revision=self._shadow_revision)
         status = 200
         try:
             return await self._token(params, authorization, record)
@@ -148,6 +155,8 @@ class Broker:
         finally:
             record.eval_ns = time.perf_counter_ns() - started
         record.result = decision.as_dict()
+        if self._shadow is not None:
+            await compare_shadow(self._shadow, self._metrics, record, policy_input)
         if decision.action is Action.REJECT:
             raise VaultError(decision.status or 403, "access_denied", decision.reason, "the policy does not allow this release")
         if decision.action is not Action.RELEASE:

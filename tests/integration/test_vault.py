@@ -15,6 +15,7 @@ import base64
 import json
 import os
 import secrets
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -248,7 +249,14 @@ def test_backend_job_gets_the_users_token_and_the_api_verifies_it(shape: str, st
 
 def test_refusals_by_policy_never_reveal_whether_a_user_has_a_grant(nextcloud_setup: VaultSetup, gateways: Any) -> None:
     setup = nextcloud_setup
-    gw = setup.start(gateways, setup.config({"path": str(setup.tmp / "refusals.db")}))
+    shadow = setup.tmp / "shadow-bundle"  # a candidate that names the refusal differently: watched, never acted on
+    if not shadow.exists():
+        shutil.copytree(ROOT / "policies", shadow)
+        for name in ("vault.rego", "vault_test.rego"):
+            (shadow / name).write_text((shadow / name).read_text().replace("vault_backend_not_allowed", "vault_backend_unknown"))
+    config = setup.config({"path": str(setup.tmp / "refusals.db")})
+    config["policy"]["shadow"] = str(shadow)
+    gw = setup.start(gateways, config)
     sign_in(gw, "alice")
 
     # a backend the policy does not know (it authenticates: gateway.yaml registers it)
@@ -263,6 +271,8 @@ def test_refusals_by_policy_never_reveal_whether_a_user_has_a_grant(nextcloud_se
                  release(gw, "alice", audience="billing")):
         assert resp.status_code == 403 and resp.json()["error"] == "access_denied"
     reasons = [line["result"]["reason"] for line in decisions(gw)]
+    assert decisions(gw)[0]["shadow_result"]["reason"] == "vault_backend_unknown"  # the shadow judged it too
+    assert "shadow_result" not in decisions(gw)[2]  # and agrees elsewhere
     assert reasons[:5] == ["vault_backend_not_allowed"] * 2 + ["vault_scope_not_allowed"] * 2 + ["vault_audience_not_allowed"]
 
     # a logged vault decision explains like any other: decided again, each check with its value
