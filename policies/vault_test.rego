@@ -4,7 +4,6 @@ import data.mcp.gateway
 
 backends(id) := {"backends": {id: {"audiences": ["notes-backend"], "scopes": ["notes.read", "notes.write"]}}}
 
-
 ask(backend, audience, scopes) := d if {
 	d := gateway.decision with input.vault as {
 		"backend": {"id": backend}, "user": {"issuer": "https://idp", "subject": "alice"},

@@ -535,3 +535,32 @@ def test_guessing_backend_secrets_from_one_address_is_slowed_down(nextcloud_setu
     blocked = release(gw, "alice", audience=setup.audience)  # even the right secret waits now
     assert blocked.status_code == 429 and int(blocked.headers["retry-after"]) >= 1
     assert blocked.json()["error"] == "temporarily_unavailable"
+
+
+def test_two_replicas_sharing_redis_never_spend_a_single_use_refresh_token_twice(nextcloud_setup: VaultSetup, gateways: Any,
+                                                                                 redis_server: Any) -> None:
+    """Releases racing on two replicas: each refreshes under the one lock in Redis, so the
+    rotated refresh token one stored is the one the other uses (else the IdP sees a consumed
+    token reused, revokes the whole grant, and the user's entry is gone)."""
+    setup = nextcloud_setup
+    prefix = f"replicas-{secrets.token_hex(3)}:"
+    config = setup.config({"store": "redis", "url": redis_server.url, "key_prefix": prefix})
+    a = setup.start(gateways, config, replica="a")
+    b = setup.start(gateways, config, replica="b")
+    sign_in(a, "mona")
+    before = setup.idp.stats()["refresh_grants"]
+    # distinct scope sets: no replica can answer from its memory, every release is a refresh
+    asks = [(gw, scope) for scope in ("notes.read", "notes.write", "notes.read notes.write") for gw in (a, b)]
+
+    async def race() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=30) as http:
+            return list(await asyncio.gather(*(
+                http.post(gw.base + "/vault/token", auth=("notes-sync", SECRETS["notes-sync"]),
+                          data={"subject": "mona", "audience": setup.audience, "scope": scope, "reason": "race"})
+                for gw, scope in asks)))
+
+    answers = asyncio.run(race())
+    assert [r.status_code for r in answers] == [200] * len(asks), [r.text for r in answers]
+    assert setup.idp.stats()["refresh_grants"] - before >= 3  # real refreshes, one after the other
+    [rt] = redis_refresh_tokens(redis_server.url, prefix, b"1" * 32)
+    assert idp_refresh(setup.idp, rt).status_code == 200  # what the vault holds is alive at the IdP
