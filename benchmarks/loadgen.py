@@ -3,8 +3,8 @@
 Each of `concurrency` connections sends one request, reads the whole answer
 (Content-Length or chunked), and sends the next: a closed loop, so latency and
 throughput are measured together. Client libraries differ a lot at concurrency 16
-(reference/performance-facts.md); a raw client keeps the load generator out of the
-measurement.
+(their own CPU, measured, can exceed the gateway's); a raw client keeps the load generator
+out of the measurement.
 """
 
 from __future__ import annotations

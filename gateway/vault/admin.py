@@ -1,7 +1,8 @@
 """The operator's side of the vault (`mcp-authz-gateway vault list|revoke|rotate-key|new-key`,
-and what `check` says about it). Works on the store directly, beside running gateways: a
-revocation here takes effect at their next release (they check the store before reusing a
-cached token); a key rotation swaps each grant by compare-and-set.
+and what `check` says about it). Works on the store directly, beside running gateways, taking
+each user's lock as a release does: a revocation here takes effect at their next release
+(they check the store before reusing a cached token); a key rotation never overwrites a
+token a gateway is rotating.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ class VaultAdmin:
                   if (subject is None or g.subject == subject) and (grant_id is None or g.grant_id == grant_id)]
         confirmed = 0
         for grant in chosen:
-            await self.store.remove(grant)
+            async with self.store.lock(grant.issuer, grant.subject, self.settings.config.vault.lock_timeout):
+                await self.store.remove(grant)  # under the user's lock, as a gateway's refresh holds it
             try:
                 token = self.keyring.open(grant.kid, grant.sealed, grant.bound_to)["refresh_token"]
             except (SealError, KeyError):
@@ -49,7 +51,7 @@ class VaultAdmin:
         return len(chosen), confirmed
 
     async def rotate(self) -> tuple[int, int, list[str]]:
-        return await rotate_keys(self.store, self.keyring)
+        return await rotate_keys(self.store, self.keyring, self.settings.config.vault.lock_timeout)
 
     async def unreadable(self) -> list[Grant]:
         """Grants no configured key opens (a key dropped too early)."""

@@ -126,8 +126,10 @@ class Vault:
     # --- release --------------------------------------------------------------------
 
     async def release(self, issuer: str, subject: str, *, audience: tuple[str, ...], scopes: tuple[str, ...],
-                      used_by: str) -> Released:
-        """An access token of this user for `audience` with `scopes`; VaultError otherwise."""
+                      used_by: str, note_cached: bool = True) -> Released:
+        """An access token of this user for `audience` with `scopes`; VaultError otherwise.
+        The use is noted for the user to see; `note_cached=False` (delegate mode, on every MCP
+        request) notes only releases that refreshed, so a cached one costs no store write."""
         key: CacheKey = (issuer, subject, tuple(sorted(audience)), tuple(sorted(scopes)))
         try:
             released = await self._cached(key)
@@ -141,7 +143,11 @@ class Vault:
             self._metrics.vault_releases.labels(exc.reason).inc()
             raise VaultError(503, "temporarily_unavailable", exc.reason, exc.message) from None
         self._metrics.vault_releases.labels("cached" if released.cached else "released").inc()
-        await self._note_use(issuer, subject, released.grant_id, used_by)
+        if note_cached or not released.cached:
+            try:
+                await self.store.note_use(issuer, subject, released.grant_id, used_by, time.time())
+            except Refusal:
+                log.warning("vault: a use could not be noted (the store did not answer)")
         return released
 
     async def _cached(self, key: CacheKey) -> Released | None:
@@ -221,19 +227,16 @@ class Vault:
             kid, sealed = self._keys.seal({"refresh_token": tokens.refresh_token}, grant.bound_to)
             rotated = replace(grant, kid=kid, sealed=sealed, updated_at=time.time())
             if not await self.store.swap(grant, rotated):
-                log.error("vault: a grant changed while its user's lock was held (lock expired?); the rotated token is lost")
-                raise VaultError(503, "temporarily_unavailable", "vault_conflict", "the grant changed during the refresh; try again")
+                # only if the lock expired under a very slow IdP: keep the new token as a grant
+                # of its own rather than lose it (the old one is spent)
+                log.error("vault: a grant changed while its user's lock was held; the rotated token is kept as a new grant")
+                rotated = replace(rotated, grant_id=new_grant_id(), version=1, used_by={})
+                kid, sealed = self._keys.seal({"refresh_token": tokens.refresh_token}, rotated.bound_to)
+                rotated = replace(rotated, kid=kid, sealed=sealed)
+                await self.store.add(rotated)
+                return tokens, rotated
             grant = replace(rotated, version=grant.version + 1)
         return tokens, grant
-
-    async def _note_use(self, issuer: str, subject: str, grant_id: str, used_by: str) -> None:
-        """Which backend used which grant, when (what the user sees); best effort."""
-        try:
-            for grant in await self.store.grants(issuer, subject):
-                if grant.grant_id == grant_id:
-                    await self.store.swap(grant, replace(grant.used(used_by, time.time()), version=grant.version + 1))
-        except Refusal:
-            pass
 
     # --- the client's own refreshes (gateway/oauth) ------------------------------------
 
@@ -268,7 +271,9 @@ class Vault:
         returns how many the IdP confirmed. Removed even when the IdP does not answer."""
         confirmed = 0
         for grant in grants:
-            await self.store.remove(grant)
+            async with self.state.local_lock(grant.issuer, grant.subject), \
+                    self.store.lock(grant.issuer, grant.subject, self.config.lock_timeout):
+                await self.store.remove(grant)  # under the lock: no refresh of it is half done
             self._drop_cached(grant)
             try:
                 token = self._keys.open(grant.kid, grant.sealed, grant.bound_to)["refresh_token"]
@@ -299,23 +304,29 @@ class _GrantDead(Exception):
     """The IdP called this grant's refresh token invalid; the grant was removed."""
 
 
-async def rotate_keys(store: VaultStore, keyring: Keyring) -> tuple[int, int, list[str]]:
+async def rotate_keys(store: VaultStore, keyring: Keyring, lock_timeout: float) -> tuple[int, int, list[str]]:
     """Re-encrypt every grant not under the current key: (re-encrypted, already current,
-    problems). A grant that does not open is left as it is and named in the problems."""
+    problems). Each under its user's lock, as a release would, so a refresh running in a
+    gateway meanwhile never has its rotated token overwritten. A grant that does not open
+    is left as it is and named in the problems."""
     done = current = 0
     problems: list[str] = []
-    for grant in await store.all():
-        if grant.kid == keyring.current:
+    for listed in await store.all():
+        if listed.kid == keyring.current:
             current += 1
             continue
-        try:
-            value = keyring.open(grant.kid, grant.sealed, grant.bound_to)
-        except SealError as exc:
-            problems.append(f"grant {grant.grant_id} of {grant.subject}: {exc}")
-            continue
-        kid, sealed = keyring.seal(value, grant.bound_to)
-        if await store.swap(grant, replace(grant, kid=kid, sealed=sealed)):
-            done += 1
-        else:
-            problems.append(f"grant {grant.grant_id} of {grant.subject}: changed while rotating; run again")
+        async with store.lock(listed.issuer, listed.subject, lock_timeout):
+            grant = next((g for g in await store.grants(listed.issuer, listed.subject) if g.grant_id == listed.grant_id), None)
+            if grant is None:
+                continue  # removed meanwhile
+            try:
+                value = keyring.open(grant.kid, grant.sealed, grant.bound_to)
+            except SealError as exc:
+                problems.append(f"grant {grant.grant_id} of {grant.subject}: {exc}")
+                continue
+            kid, sealed = keyring.seal(value, grant.bound_to)
+            if await store.swap(grant, replace(grant, kid=kid, sealed=sealed)):
+                done += 1
+            else:
+                problems.append(f"grant {grant.grant_id} of {grant.subject}: changed while rotating; run again")
     return done, current, problems

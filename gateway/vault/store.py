@@ -3,8 +3,10 @@
 A grant is one user's (issuer, subject) sealed refresh token from one sign-in, with what the
 user may see about it (scope, when it was stored and refreshed, which backends used it). Only
 `sealed` is secret, and it is ciphertext (gateway/vault/crypto.py). Every write that replaces
-a refresh token is a compare-and-swap on the grant's `version`, and releases of one user hold
-a lock that spans processes and replicas: a single-use refresh token is spent once.
+a refresh token is a compare-and-swap on the grant's `version`, made while holding the user's
+lock, which spans processes and replicas: a single-use refresh token is spent once, and the
+rotated one is never overwritten. Uses are counted apart from the grant (an atomic increment),
+so noting one never competes with a rotation.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class Grant:
     created_at: float
     updated_at: float
     version: int = 1
-    #: backend id → {"count": n, "last": unix time}
+    #: backend id → {"count": n, "last": unix time}; read with the grant, written by `note_use`
     used_by: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
@@ -52,15 +54,13 @@ class Grant:
         return f"{self.issuer}\n{self.subject}\n{self.grant_id}"
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        fields = asdict(self)
+        del fields["used_by"]  # kept apart (note_use)
+        return json.dumps(fields, separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, raw: str | bytes) -> Grant:
-        return cls(**json.loads(raw))
-
-    def used(self, backend: str, at: float) -> Grant:
-        seen = self.used_by.get(backend, {"count": 0, "last": 0.0})
-        return replace(self, used_by={**self.used_by, backend: {"count": seen["count"] + 1, "last": at}})
+    def from_json(cls, raw: str | bytes, used_by: dict[str, dict[str, float]] | None = None) -> Grant:
+        return cls(**json.loads(raw), used_by=used_by or {})
 
 
 def new_grant_id() -> str:
@@ -83,6 +83,9 @@ class VaultStore(Protocol):
         """Replace `old` by `new` (version + 1) if nobody changed it since it was read."""
 
     async def remove(self, grant: Grant) -> bool: ...
+
+    async def note_use(self, issuer: str, subject: str, grant_id: str, backend: str, at: float) -> None:
+        """One more use of a grant by `backend` (atomic; never touches the sealed token)."""
 
     async def all(self) -> list[Grant]: ...
 
@@ -110,7 +113,10 @@ class SqliteVault:
     CREATE TABLE IF NOT EXISTS grants (
         issuer TEXT NOT NULL, subject TEXT NOT NULL, grant_id TEXT NOT NULL, kid TEXT NOT NULL,
         sealed TEXT NOT NULL, scope TEXT NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL,
-        version INTEGER NOT NULL, used_by TEXT NOT NULL, PRIMARY KEY (issuer, subject, grant_id));
+        version INTEGER NOT NULL, PRIMARY KEY (issuer, subject, grant_id));
+    CREATE TABLE IF NOT EXISTS uses (
+        issuer TEXT NOT NULL, subject TEXT NOT NULL, grant_id TEXT NOT NULL, backend TEXT NOT NULL,
+        count INTEGER NOT NULL, last REAL NOT NULL, PRIMARY KEY (issuer, subject, grant_id, backend));
     CREATE TABLE IF NOT EXISTS locks (name TEXT PRIMARY KEY, owner TEXT NOT NULL, expires REAL NOT NULL);
     """
 
@@ -142,42 +148,49 @@ class SqliteVault:
             raise VaultUnavailable(f"the vault's store cannot be used ({type(exc).__name__})") from None
 
     @staticmethod
-    def _row(row: tuple[Any, ...]) -> Grant:
-        *head, used_by = row
-        return Grant(*head, used_by=json.loads(used_by))
+    def _values(g: Grant) -> tuple[Any, ...]:
+        return (g.issuer, g.subject, g.grant_id, g.kid, g.sealed, g.scope, g.created_at, g.updated_at, g.version)
 
     @staticmethod
-    def _values(g: Grant) -> tuple[Any, ...]:
-        return (g.issuer, g.subject, g.grant_id, g.kid, g.sealed, g.scope, g.created_at, g.updated_at, g.version,
-                json.dumps(g.used_by))
+    def _with_uses(db: sqlite3.Connection, where: str, args: tuple[Any, ...], order: str) -> list[Grant]:
+        grants = [Grant(*row) for row in db.execute(f"SELECT * FROM grants {where} ORDER BY {order}", args).fetchall()]
+        uses: dict[tuple[str, str, str], dict[str, dict[str, float]]] = {}
+        for issuer, subject, grant_id, backend, count, last in db.execute(f"SELECT * FROM uses {where}", args).fetchall():
+            uses.setdefault((issuer, subject, grant_id), {})[backend] = {"count": count, "last": last}
+        return [replace(g, used_by=uses.get((g.issuer, g.subject, g.grant_id), {})) for g in grants]
 
     async def add(self, grant: Grant) -> None:
-        await self._run(lambda db: db.execute("INSERT INTO grants VALUES (?,?,?,?,?,?,?,?,?,?)", self._values(grant)))
+        await self._run(lambda db: db.execute("INSERT INTO grants VALUES (?,?,?,?,?,?,?,?,?)", self._values(grant)))
 
     async def grants(self, issuer: str, subject: str) -> list[Grant]:
-        rows = await self._run(lambda db: db.execute(
-            "SELECT * FROM grants WHERE issuer=? AND subject=? ORDER BY created_at DESC", (issuer, subject)).fetchall())
-        return [self._row(r) for r in rows]
+        return list(await self._run(self._with_uses, "WHERE issuer=? AND subject=?", (issuer, subject), "created_at DESC"))
+
+    async def note_use(self, issuer: str, subject: str, grant_id: str, backend: str, at: float) -> None:
+        await self._run(lambda db: db.execute(
+            "INSERT INTO uses VALUES (?,?,?,?,1,?) ON CONFLICT(issuer, subject, grant_id, backend) "
+            "DO UPDATE SET count=count+1, last=excluded.last", (issuer, subject, grant_id, backend, at)))
 
     async def swap(self, old: Grant, new: Grant) -> bool:
         def work(db: sqlite3.Connection) -> bool:
             cur = db.execute(
-                "UPDATE grants SET kid=?, sealed=?, scope=?, updated_at=?, version=?, used_by=? "
+                "UPDATE grants SET kid=?, sealed=?, scope=?, updated_at=?, version=? "
                 "WHERE issuer=? AND subject=? AND grant_id=? AND version=?",
-                (new.kid, new.sealed, new.scope, new.updated_at, old.version + 1, json.dumps(new.used_by),
+                (new.kid, new.sealed, new.scope, new.updated_at, old.version + 1,
                  old.issuer, old.subject, old.grant_id, old.version))
             return cur.rowcount == 1
 
         return bool(await self._run(work))
 
     async def remove(self, grant: Grant) -> bool:
-        cur = await self._run(lambda db: db.execute(
-            "DELETE FROM grants WHERE issuer=? AND subject=? AND grant_id=?", (grant.issuer, grant.subject, grant.grant_id)))
-        return bool(cur.rowcount)
+        def work(db: sqlite3.Connection) -> bool:
+            key = (grant.issuer, grant.subject, grant.grant_id)
+            db.execute("DELETE FROM uses WHERE issuer=? AND subject=? AND grant_id=?", key)
+            return db.execute("DELETE FROM grants WHERE issuer=? AND subject=? AND grant_id=?", key).rowcount == 1
+
+        return bool(await self._run(work))
 
     async def all(self) -> list[Grant]:
-        rows = await self._run(lambda db: db.execute("SELECT * FROM grants ORDER BY issuer, subject, created_at").fetchall())
-        return [self._row(r) for r in rows]
+        return list(await self._run(self._with_uses, "", (), "issuer, subject, created_at"))
 
     async def count(self) -> int:
         return int((await self._run(lambda db: db.execute("SELECT COUNT(*) FROM grants").fetchone()))[0])
@@ -231,7 +244,8 @@ return 0
 
 class RedisVault:
     """Shared by replicas: one hash `<prefix>grants` (field `<user>:<grant id>` → the grant as
-    JSON), a set of grant ids per user, swaps by a Lua compare-and-set, locks by SET NX PX."""
+    JSON), a set of grant ids per user, a hash of use counts per user, swaps by a Lua
+    compare-and-set, locks by SET NX PX."""
 
     name = "redis"
 
@@ -253,8 +267,24 @@ class RedisVault:
             return []
         fields = [f"{user}:{i.decode() if isinstance(i, bytes) else i}" for i in ids]
         raws = await self._redis.call("hmget", self._prefix + "grants", fields)
+        uses = await self._uses(user)
         found = [Grant.from_json(r) for r in raws if r]
+        found = [replace(g, used_by=uses.get(g.grant_id, {})) for g in found]
         return sorted(found, key=lambda g: g.created_at, reverse=True)
+
+    async def _uses(self, user: str) -> dict[str, dict[str, dict[str, float]]]:
+        """grant id → backend → {count, last}, from `<prefix>uses:<user>` (`<grant> <backend> count|last`)."""
+        out: dict[str, dict[str, dict[str, float]]] = {}
+        for name, value in (await self._redis.call("hgetall", self._prefix + "uses:" + user)).items():
+            grant_id, _, rest = (name.decode() if isinstance(name, bytes) else name).partition(" ")
+            backend, _, what = rest.rpartition(" ")
+            out.setdefault(grant_id, {}).setdefault(backend, {"count": 0, "last": 0.0})[what] = float(value)
+        return out
+
+    async def note_use(self, issuer: str, subject: str, grant_id: str, backend: str, at: float) -> None:
+        key, field = self._prefix + "uses:" + user_key(issuer, subject), f"{grant_id} {backend}"
+        await self._redis.call("hincrby", key, f"{field} count", 1)
+        await self._redis.call("hset", key, f"{field} last", at)
 
     async def swap(self, old: Grant, new: Grant) -> bool:
         stored = replace(new, version=old.version + 1)
@@ -262,13 +292,22 @@ class RedisVault:
         return bool(done)
 
     async def remove(self, grant: Grant) -> bool:
+        user = user_key(grant.issuer, grant.subject)
         removed = await self._redis.call("hdel", self._prefix + "grants", self._field(grant))
-        await self._redis.call("srem", self._prefix + "user:" + user_key(grant.issuer, grant.subject), grant.grant_id)
+        await self._redis.call("srem", self._prefix + "user:" + user, grant.grant_id)
+        uses = self._prefix + "uses:" + user
+        stale = [n for n in await self._redis.call("hkeys", uses)
+                 if (n.decode() if isinstance(n, bytes) else n).startswith(grant.grant_id + " ")]
+        if stale:
+            await self._redis.call("hdel", uses, *stale)
         return bool(removed)
 
     async def all(self) -> list[Grant]:
         raws = await self._redis.call("hvals", self._prefix + "grants")
-        return sorted((Grant.from_json(r) for r in raws), key=lambda g: (g.issuer, g.subject, g.created_at))
+        grants = [Grant.from_json(r) for r in raws]
+        uses = {user: await self._uses(user) for user in {user_key(g.issuer, g.subject) for g in grants}}
+        grants = [replace(g, used_by=uses[user_key(g.issuer, g.subject)].get(g.grant_id, {})) for g in grants]
+        return sorted(grants, key=lambda g: (g.issuer, g.subject, g.created_at))
 
     async def count(self) -> int:
         return int(await self._redis.call("hlen", self._prefix + "grants"))

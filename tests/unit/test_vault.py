@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -83,6 +84,58 @@ def test_sqlite_store_swaps_only_what_nobody_changed_and_locks_per_user(tmp_path
         assert await store.remove(oldest) is True and await store.count() == 1
         await store.aclose()
         assert (tmp_path / "v.db").stat().st_mode & 0o077 == 0  # the file is the gateway's alone
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("store_kind", ["sqlite", "redis"])
+def test_noting_a_use_never_competes_with_a_rotation(tmp_path: Path, store_kind: str, request: pytest.FixtureRequest) -> None:
+    """A release reads the grant, refreshes (spending the refresh token at the IdP), then swaps
+    in the rotated one. A use noted meanwhile (by another release, on another replica) must
+    not make that swap fail: the rotated token would be lost and the grant dead. Uses are
+    counted apart from the grant's version."""
+
+    async def run() -> None:
+        if store_kind == "redis":
+            from gateway.vault.store import RedisVault
+
+            store: Any = RedisVault(request.getfixturevalue("redis_server").url, f"unit-{id(tmp_path)}:", 2)
+        else:
+            store = SqliteVault(tmp_path / "v.db", timeout=2)
+        await store.add(_grant())
+        [read] = await store.grants("https://idp", "alice")
+        await store.note_use("https://idp", "alice", "g1", "notes-sync", 5.0)
+        await store.note_use("https://idp", "alice", "g1", "notes-sync", 6.0)
+        assert await store.swap(read, Grant(**{**read.__dict__, "sealed": "cm90YXRlZA=="})) is True
+        [after] = await store.grants("https://idp", "alice")
+        assert after.sealed == "cm90YXRlZA==" and after.used_by == {"notes-sync": {"count": 2, "last": 6.0}}
+        assert [g.used_by for g in await store.all()] == [after.used_by]
+        await store.remove(after)
+        await store.add(_grant())  # the same id again: no uses left behind
+        assert (await store.grants("https://idp", "alice"))[0].used_by == {}
+        await store.aclose()
+
+    asyncio.run(run())
+
+
+def test_key_rotation_waits_for_the_users_lock(tmp_path: Path) -> None:
+    """rotate-key swaps sealed tokens: it must hold the user's lock like a release, or it could
+    overwrite a token a gateway is rotating at that moment."""
+    from gateway.vault.keeper import rotate_keys
+
+    async def run() -> None:
+        store = SqliteVault(tmp_path / "v.db", timeout=2)
+        old = Keyring.parse(K1, "t")
+        kid, sealed = old.seal({"refresh_token": "rt"}, "https://idp\nalice\ng1")
+        await store.add(Grant("https://idp", "alice", "g1", kid, sealed, "", 1.0, 1.0))
+        both = Keyring.parse(f"{K2},{K1}", "t")
+        async with store.lock("https://idp", "alice", timeout=5):  # a release in progress
+            with pytest.raises(LockTimeout):
+                await rotate_keys(store, both, lock_timeout=0.3)
+        assert await rotate_keys(store, both, lock_timeout=1) == (1, 0, [])
+        [grant] = await store.grants("https://idp", "alice")
+        assert grant.kid == "k2" and both.open(grant.kid, grant.sealed, grant.bound_to) == {"refresh_token": "rt"}
+        await store.aclose()
 
     asyncio.run(run())
 
