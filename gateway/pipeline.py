@@ -365,7 +365,8 @@ async def _decide_and_forward(gw: Gateway, scope: Scope, record: DecisionRecord,
         try:
             with gw.metrics.timed("delegate"), gw.tracing.step("delegate"):
                 released = await gw.vault.release(token.issuer, token.subject, audience=decision.audience, scopes=decision.scopes,
-                                                  used_by="(mcp requests)", note_cached=False)
+                                                  used_by="(mcp requests)", note_cached=False,
+                                                  recheck_after=cfg.vault.delegate_recheck_seconds)
         except VaultError as exc:
             if exc.reason == "vault_no_grant":  # sign in again (with offline access) and the vault has one
                 return refuse(record, 401, exc.reason, "no stored grant to act for this user: sign in again",

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark, from a fresh clone: installs what it needs into .venv, then runs
-# benchmarks/run.py (results in benchmarks/results/). Extra arguments go to it,
-# e.g. scripts/bench.sh --seconds 3 --memory-seconds 0
+# benchmarks/run.py and benchmarks/vault.py (results in benchmarks/results/). Extra arguments
+# go to run.py, e.g. scripts/bench.sh --seconds 3 --memory-seconds 0
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS=test,bench . scripts/venv.sh
@@ -16,4 +16,5 @@ done
 # the Keycloak-shaped provider for exchange mode
 (cd tests/idp && npm ci --no-audit --no-fund --loglevel=error)
 export PATH="$PWD/.venv/bin:$PATH"
-exec .venv/bin/python -m benchmarks.run "$@"
+.venv/bin/python -m benchmarks.run "$@"
+exec .venv/bin/python -m benchmarks.vault

@@ -237,6 +237,9 @@ class Vault(Strict):
     token_margin: float = pydantic.Field(30.0, ge=0)
     #: released access tokens kept in memory (never on disk)
     max_cached_tokens: int = pydantic.Field(10_000, ge=0)
+    #: delegate mode: a cached token's grant is confirmed in the store at most this often (a
+    #: revocation through another process reaches delegated requests within it; backends: at once)
+    delegate_recheck_seconds: float = pydantic.Field(1.0, ge=0)
     #: seconds a release waits for another release of the same user (the per-user lock)
     lock_timeout: float = pydantic.Field(10.0, gt=0)
     #: failed backend authentications per client address per minute before its requests get 429

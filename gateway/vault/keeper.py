@@ -56,6 +56,8 @@ class Released:
     scope: tuple[str, ...]
     grant_id: str
     cached: bool = False
+    #: when the store last confirmed its grant (monotonic seconds)
+    checked_at: float = 0.0
 
     def answer(self, now: float) -> dict[str, object]:
         return {"access_token": self.access_token, "token_type": "Bearer", "expires_in": max(1, int(self.expires_at - now)),
@@ -126,13 +128,15 @@ class Vault:
     # --- release --------------------------------------------------------------------
 
     async def release(self, issuer: str, subject: str, *, audience: tuple[str, ...], scopes: tuple[str, ...],
-                      used_by: str, note_cached: bool = True) -> Released:
+                      used_by: str, note_cached: bool = True, recheck_after: float = 0.0) -> Released:
         """An access token of this user for `audience` with `scopes`; VaultError otherwise.
-        The use is noted for the user to see; `note_cached=False` (delegate mode, on every MCP
-        request) notes only releases that refreshed, so a cached one costs no store write."""
+        The use is noted for the user to see. Delegate mode, on every MCP request, passes
+        `note_cached=False` (only releases that refreshed are noted: a cached one costs no store
+        write) and `recheck_after` (a cached token's grant is confirmed in the store at most
+        that often; a revocation through this process drops it at once anyway)."""
         key: CacheKey = (issuer, subject, tuple(sorted(audience)), tuple(sorted(scopes)))
         try:
-            released = await self._cached(key)
+            released = await self._cached(key, recheck_after)
             if released is None:
                 async with self.state.local_lock(issuer, subject), self.store.lock(issuer, subject, self.config.lock_timeout):
                     released = await self._cached(key) or await self._release(issuer, subject, audience, scopes, key)
@@ -150,13 +154,19 @@ class Vault:
                 log.warning("vault: a use could not be noted (the store did not answer)")
         return released
 
-    async def _cached(self, key: CacheKey) -> Released | None:
+    async def _cached(self, key: CacheKey, recheck_after: float = 0.0) -> Released | None:
         hit = self.state.cache.get(key)
         if hit is None:
             return None
-        if hit.expires_at <= time.time() or not any(g.grant_id == hit.grant_id for g in await self.store.grants(key[0], key[1])):
-            self.state.cache.pop(key, None)  # expired, or its grant was revoked (perhaps by another process)
+        if hit.expires_at <= time.time():
+            self.state.cache.pop(key, None)
             return None
+        now = time.monotonic()
+        if now - hit.checked_at >= recheck_after:
+            if not any(g.grant_id == hit.grant_id for g in await self.store.grants(key[0], key[1])):
+                self.state.cache.pop(key, None)  # its grant was revoked (perhaps by another process)
+                return None
+            hit = self.state.cache[key] = replace(hit, checked_at=now)
         return replace(hit, cached=True)
 
     async def _release(self, issuer: str, subject: str, audience: tuple[str, ...], scopes: tuple[str, ...], key: CacheKey) -> Released:
@@ -165,7 +175,7 @@ class Vault:
                 tokens, grant = await self._refresh(grant, scopes)
             except _GrantDead:
                 continue  # removed; the user may have another grant
-            released = await self._for_backend(grant, tokens, subject, audience, scopes)
+            released = replace(await self._for_backend(grant, tokens, subject, audience, scopes), checked_at=time.monotonic())
             if self.config.max_cached_tokens > 0:
                 self.state.cache[key] = released
                 while len(self.state.cache) > self.config.max_cached_tokens:

@@ -520,6 +520,13 @@ def test_delegate_mode_forwards_a_vault_token_never_the_clients(nextcloud_setup:
     assert seen["verify_error"] is None and seen["claims"]["sub"] == "judy"
     assert seen["claims"]["scope"].split() == ["notes.read"]  # only what the client's own token holds
 
+    # the user revokes: the next request has no token to delegate (the cached one is dropped at once)
+    auth = {"Authorization": f"Bearer {user['access_token']}"}
+    assert httpx.delete(gw.base + "/vault/grants", headers=auth).json()["revoked"] == 1
+    revoked = httpx.post(gw.mcp_url, json={"jsonrpc": "2.0", "id": 3, "method": "tools/list"},
+                         headers={**auth, "Accept": "application/json, text/event-stream", "MCP-Protocol-Version": "2025-11-25"})
+    assert revoked.status_code == 401 and revoked.json()["error"]["data"]["reason"] == "vault_no_grant"
+
     # a user without a grant is sent to sign in again (401 with a challenge)
     stranger = setup.idp.token("kim", scope="openid notes.read", resource=gw.resource)
     again = httpx.post(gw.mcp_url, json={"jsonrpc": "2.0", "id": 2, "method": "tools/list"},
