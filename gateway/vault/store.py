@@ -19,7 +19,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -102,6 +102,20 @@ class VaultStore(Protocol):
 class LockTimeout(Refusal):
     def __init__(self) -> None:
         super().__init__(503, "vault_busy", "another release for this user is still running; try again")
+
+
+@contextlib.asynccontextmanager
+async def _polled(take: Callable[[], Awaitable[bool]], release: Callable[[], Awaitable[Any]], timeout: float) -> AsyncIterator[None]:
+    """Held once `take()` succeeds (tried every 50 ms for `timeout` seconds, then LockTimeout)."""
+    deadline = time.monotonic() + timeout
+    while not await take():
+        if time.monotonic() > deadline:
+            raise LockTimeout()
+        await asyncio.sleep(0.05)
+    try:
+        yield
+    finally:
+        await release()
 
 
 class SqliteVault:
@@ -195,8 +209,8 @@ class SqliteVault:
     async def count(self) -> int:
         return int((await self._run(lambda db: db.execute("SELECT COUNT(*) FROM grants").fetchone()))[0])
 
-    @contextlib.asynccontextmanager
-    async def lock(self, issuer: str, subject: str, timeout: float) -> AsyncIterator[None]:
+    def lock(self, issuer: str, subject: str, timeout: float) -> contextlib.AbstractAsyncContextManager[None]:
+        """A row per user in `locks`, taken when absent or expired (a crashed holder's expires)."""
         name, owner = user_key(issuer, subject), secrets.token_hex(8)
 
         def take(db: sqlite3.Connection) -> bool:
@@ -206,15 +220,8 @@ class SqliteVault:
                 "expires=excluded.expires WHERE locks.expires < ?", (name, owner, now + timeout + 30, now))
             return cur.rowcount == 1
 
-        deadline = time.monotonic() + timeout
-        while not await self._run(take):
-            if time.monotonic() > deadline:
-                raise LockTimeout()
-            await asyncio.sleep(0.05)
-        try:
-            yield
-        finally:
-            await self._run(lambda db: db.execute("DELETE FROM locks WHERE name=? AND owner=?", (name, owner)))
+        return _polled(lambda: self._run(take),
+                       lambda: self._run(lambda db: db.execute("DELETE FROM locks WHERE name=? AND owner=?", (name, owner))), timeout)
 
     async def ready(self) -> bool:
         try:
@@ -312,18 +319,14 @@ class RedisVault:
     async def count(self) -> int:
         return int(await self._redis.call("hlen", self._prefix + "grants"))
 
-    @contextlib.asynccontextmanager
-    async def lock(self, issuer: str, subject: str, timeout: float) -> AsyncIterator[None]:
+    def lock(self, issuer: str, subject: str, timeout: float) -> contextlib.AbstractAsyncContextManager[None]:
+        """SET NX PX (expires if its holder dies); released only by its owner (a Lua compare-and-delete)."""
         key, owner = self._prefix + "lock:" + user_key(issuer, subject), secrets.token_hex(8)
-        deadline = time.monotonic() + timeout
-        while not await self._redis.call("set", key, owner, nx=True, px=int((timeout + 30) * 1000)):
-            if time.monotonic() > deadline:
-                raise LockTimeout()
-            await asyncio.sleep(0.05)
-        try:
-            yield
-        finally:
-            await self._redis.call("eval", _UNLOCK, 1, key, owner)
+
+        async def take() -> bool:
+            return bool(await self._redis.call("set", key, owner, nx=True, px=int((timeout + 30) * 1000)))
+
+        return _polled(take, lambda: self._redis.call("eval", _UNLOCK, 1, key, owner), timeout)
 
     async def ready(self) -> bool:
         return await self._redis.ready()
