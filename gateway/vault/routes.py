@@ -13,6 +13,7 @@ from litestar import Request, Response, delete, get, post
 from litestar.handlers import HTTPRouteHandler
 
 from gateway.mcp.jsonrpc import Refusal
+from gateway.mcp.jsonstrict import StrictDecoder, has_lone_surrogate
 from gateway.vault.broker import GRANTS_PATH, TOKEN_PATH, Broker
 from gateway.vault.keeper import VaultError
 
@@ -50,9 +51,9 @@ async def _params(request: Request[Any, Any, Any]) -> dict[str, Any]:
     raw = b"".join(chunks)
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     try:
-        if kind == "application/json":
-            value = json.loads(raw)
-            if not isinstance(value, dict) or len(value) > _MAX_FIELDS:
+        if kind == "application/json":  # strict: a key given twice, NaN, a lone surrogate are refused
+            value = json.loads(raw, cls=StrictDecoder)
+            if not isinstance(value, dict) or len(value) > _MAX_FIELDS or has_lone_surrogate(raw, value):
                 raise ValueError
             return value
         if kind == "application/x-www-form-urlencoded":

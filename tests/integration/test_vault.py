@@ -311,6 +311,12 @@ def test_refusals_by_policy_never_reveal_whether_a_user_has_a_grant(nextcloud_se
     ctl = httpx.post(gw.base + "/vault/token", json={"subject": "alice\n", "audience": setup.audience, "scope": "notes.read", "reason": "r"},
                      auth=("notes-sync", SECRETS["notes-sync"]))
     assert ctl.status_code == 400 and ctl.json()["error"] == "invalid_request"
+    for hostile in ('{"subject": "alice", "subject": "bob", "audience": "a", "scope": "notes.read", "reason": "r"}',
+                    '{"subject": "\\ud800", "audience": "%s", "scope": "notes.read", "reason": "r"}' % setup.audience,
+                    '{"subject": "alice", "audience": "%s", "scope": "notes.read", "reason": NaN}' % setup.audience):
+        odd = httpx.post(gw.base + "/vault/token", content=hostile, headers={"Content-Type": "application/json"},
+                         auth=("notes-sync", SECRETS["notes-sync"]))
+        assert odd.status_code == 400 and odd.json()["error"] == "invalid_request", (hostile, odd.text)
     no_reason = httpx.post(gw.base + "/vault/token", json={"subject": "alice", "audience": setup.audience, "scope": "notes.read"},
                            auth=("notes-sync", SECRETS["notes-sync"]))
     assert no_reason.status_code == 400
