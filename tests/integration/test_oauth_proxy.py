@@ -13,6 +13,7 @@ token is refused (the audience is not the gateway's).
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 from dataclasses import dataclass
@@ -103,8 +104,8 @@ class Setup:
     def gateway(self, gateways: Any, config: dict[str, Any] | None = None) -> GatewayProcess:
         return self.gateways_start(gateways, config if config is not None else PROXY)
 
-    def gateways_start(self, gateways: Any, config: dict[str, Any]) -> GatewayProcess:
-        return gateways.start(profile=self.shape, upstream_url=self.upstream.url, env=self.env, config=config)
+    def gateways_start(self, gateways: Any, config: dict[str, Any], env: dict[str, str] | None = None) -> GatewayProcess:
+        return gateways.start(profile=self.shape, upstream_url=self.upstream.url, env={**self.env, **(env or {})}, config=config)
 
 
 @pytest.fixture(params=["keycloak", "nextcloud-oidc"])
@@ -116,8 +117,17 @@ def setup(request: pytest.FixtureRequest) -> Setup:
     return Setup("nextcloud-oidc", idp, request.getfixturevalue("nextcloud_upstream"), nextcloud_env(idp))
 
 
-async def test_sdk_client_registers_signs_in_steps_up_and_refreshes(setup: Setup, gateways: Any) -> None:
-    gw = setup.gateway(gateways)
+@pytest.mark.parametrize("vault", [False, True], ids=["no-vault", "vault"])
+async def test_sdk_client_registers_signs_in_steps_up_and_refreshes(setup: Setup, gateways: Any, vault: bool,
+                                                                   tmp_path_factory: pytest.TempPathFactory) -> None:
+    """With the token vault on, the same client flow holds: the vault owns the IdP refresh
+    token and the client's refreshes go through it (single-use tokens rotated once each)."""
+    if vault:
+        store = tmp_path_factory.mktemp("sdk-vault") / "vault.db"
+        gw = setup.gateways_start(gateways, {**PROXY, "vault": {"enabled": True, "keys_env": "SDK_VAULT_KEYS", "path": str(store)}},
+                                  env={"SDK_VAULT_KEYS": "k1=" + base64.b64encode(b"k" * 32).decode()})
+    else:
+        gw = setup.gateway(gateways)
     setup.idp.reset()
     setup.upstream.clear()
     storage, browser = MemoryStorage(), Browser("alice")
@@ -164,6 +174,9 @@ async def test_sdk_client_registers_signs_in_steps_up_and_refreshes(setup: Setup
     log = gw.log()
     for token in storage.history:
         assert token.access_token not in log and token.refresh_token not in log
+    if vault:  # both sign-ins are grants the user can see
+        grants = httpx.get(gw.base + "/vault/grants", headers={"Authorization": f"Bearer {storage.history[-1].access_token}"}).json()
+        assert len(grants["grants"]) == 2
 
 
 async def test_direct_mode_refuses_a_registered_clients_token(setup: Setup, gateways: Any) -> None:
