@@ -161,3 +161,18 @@ def test_vault_configuration_that_cannot_be_honoured_stops_start_up(tmp_path: Pa
     direct.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match=r"vault.enabled: .*authorization_server.mode: proxy"):
         load_config(direct)
+
+
+def test_keys_come_from_a_file_beside_the_config_or_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.config.settings import Vault as VaultConfig
+
+    (tmp_path / "keys").write_text(f"{K2}\n{K1}\n")
+    ring = Keyring.from_config(VaultConfig(enabled=False, keys_file="keys"), tmp_path, "gateway.yaml")
+    assert ring.key_ids == ("k2", "k1")
+    with pytest.raises(ConfigError, match=r"^gateway.yaml: vault.keys_file: cannot read .*missing"):
+        Keyring.from_config(VaultConfig(enabled=False, keys_file="missing"), tmp_path, "gateway.yaml")
+    monkeypatch.setenv("TEST_KEYS", K1)
+    assert Keyring.from_config(VaultConfig(enabled=False, keys_env="TEST_KEYS"), tmp_path, "gateway.yaml").current == "k1"
+    monkeypatch.delenv("TEST_KEYS")
+    with pytest.raises(ConfigError, match="vault.keys_env: the environment variable TEST_KEYS is not set"):
+        Keyring.from_config(VaultConfig(enabled=False, keys_env="TEST_KEYS"), tmp_path, "gateway.yaml")
