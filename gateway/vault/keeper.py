@@ -170,18 +170,26 @@ class Vault:
         return replace(hit, cached=True)
 
     async def _release(self, issuer: str, subject: str, audience: tuple[str, ...], scopes: tuple[str, ...], key: CacheKey) -> Released:
+        """The newest grant that works: a dead one is removed and an older one tried; so is an
+        older one when the newest lacks a scope (a later sign-in may have asked for less)."""
+        narrower: VaultError | None = None
         for grant in await self.store.grants(issuer, subject):
             try:
                 tokens, grant = await self._refresh(grant, scopes)
             except _GrantDead:
                 continue  # removed; the user may have another grant
+            except VaultError as exc:
+                if exc.error != "invalid_scope":
+                    raise
+                narrower = narrower or exc
+                continue
             released = replace(await self._for_backend(grant, tokens, subject, audience, scopes), checked_at=time.monotonic())
             if self.config.max_cached_tokens > 0:
                 self.state.cache[key] = released
                 while len(self.state.cache) > self.config.max_cached_tokens:
                     self.state.cache.popitem(last=False)
             return released
-        raise VaultError(400, "invalid_grant", "vault_no_grant", "no usable grant is stored for this user")
+        raise narrower or VaultError(400, "invalid_grant", "vault_no_grant", "no usable grant is stored for this user")
 
     async def _for_backend(self, grant: Grant, tokens: IdpTokens, subject: str, audience: tuple[str, ...],
                            scopes: tuple[str, ...]) -> Released:

@@ -579,3 +579,17 @@ def test_two_replicas_sharing_redis_never_spend_a_single_use_refresh_token_twice
     assert setup.idp.stats()["refresh_grants"] - before >= 3  # real refreshes, one after the other
     [rt] = redis_refresh_tokens(redis_server.url, prefix, b"1" * 32)
     assert idp_refresh(setup.idp, rt).status_code == 200  # what the vault holds is alive at the IdP
+
+
+def test_a_later_narrower_sign_in_does_not_hide_an_earlier_grants_scopes(nextcloud_setup: VaultSetup, gateways: Any) -> None:
+    setup = nextcloud_setup
+    gw = setup.start(gateways, setup.config({"path": str(setup.tmp / "narrower.db")}))
+    sign_in(gw, "nina", scope="notes.read notes.write")
+    sign_in(gw, "nina", scope="notes.read")  # the newest grant holds less
+    write = release(gw, "nina", audience=setup.audience, scope="notes.write")
+    assert write.status_code == 200, write.text
+    assert claims_of(write.json()["access_token"])["scope"].split() == ["notes.write"]
+    sign_in(gw, "omar", scope="notes.read")
+    lacking = release(gw, "omar", audience=setup.audience, scope="notes.write")  # no grant of omar's has it
+    assert lacking.status_code == 400 and lacking.json()["error"] == "invalid_scope"
+    assert release(gw, "omar", audience=setup.audience, scope="notes.read").status_code == 200  # nothing was removed
