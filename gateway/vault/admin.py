@@ -72,7 +72,7 @@ async def vault_admin(settings: Settings) -> AsyncIterator[VaultAdmin]:
         raise ConfigError(f"{settings.path.name}: vault.enabled: the vault is not enabled in this configuration")
     profile = load_profile(cfg.profile, settings.base_dir, resource=cfg.resource, public_url=cfg.public_url)
     keyring = Keyring.from_config(cfg.vault, settings.base_dir, settings.path.name)
-    store = build_vault_store(cfg.vault, settings.base_dir)
+    store = build_vault_store(cfg.vault, settings.base_dir, settings.path.name)
     async with httpx.AsyncClient(timeout=httpx.Timeout(cfg.authorization_server.idp_timeout), trust_env=False) as http:
         signin = IdpSignIn(profile, proxy_client(profile, settings.path.name), IssuerMetadata(profile, http), http,
                            callback_url=cfg.public_url + CALLBACK_PATH, resource=cfg.resource, timeout=cfg.authorization_server.idp_timeout)

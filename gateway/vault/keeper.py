@@ -73,7 +73,7 @@ class VaultState:
     def __init__(self, config: VaultConfig, base_dir: Path, config_name: str) -> None:
         self.config = config
         self.keyring = Keyring.from_config(config, base_dir, config_name)
-        self.store: VaultStore = build_vault_store(config, base_dir)
+        self.store: VaultStore = build_vault_store(config, base_dir, config_name)
         self.cache: OrderedDict[CacheKey, Released] = OrderedDict()
         self.locks: dict[str, asyncio.Lock] = {}
         #: failed backend authentications per address (a bucket each: emptied, the address waits)

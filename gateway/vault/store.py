@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from gateway.config.settings import Vault as VaultConfig
+from gateway.config.yamlfile import ConfigError
 from gateway.mcp.jsonrpc import Refusal
 from gateway.state.redis import RedisConnection
 
@@ -335,9 +336,16 @@ class RedisVault:
         await self._redis.aclose()
 
 
-def build_vault_store(config: VaultConfig, base_dir: Path) -> VaultStore:
+def build_vault_store(config: VaultConfig, base_dir: Path, config_name: str) -> VaultStore:
+    """The configured store; an SQLite file that cannot be opened or created stops start-up
+    (`file: vault.path: ...`) rather than fail the first sign-in."""
     if config.store == "redis":
         assert config.url is not None  # the config model requires it
         return RedisVault(config.url, config.key_prefix, config.timeout)
     path = Path(config.path)
-    return SqliteVault(path if path.is_absolute() else base_dir / path, config.timeout)
+    store = SqliteVault(path if path.is_absolute() else base_dir / path, config.timeout)
+    try:
+        store._connection()
+    except (sqlite3.Error, OSError) as exc:
+        raise ConfigError(f"{config_name}: vault.path: cannot open {store.path} ({exc})") from None
+    return store

@@ -176,3 +176,15 @@ def test_keys_come_from_a_file_beside_the_config_or_the_environment(tmp_path: Pa
     monkeypatch.delenv("TEST_KEYS")
     with pytest.raises(ConfigError, match="vault.keys_env: the environment variable TEST_KEYS is not set"):
         Keyring.from_config(VaultConfig(enabled=False, keys_env="TEST_KEYS"), tmp_path, "gateway.yaml")
+
+
+def test_a_vault_file_that_cannot_be_opened_stops_start_up(tmp_path: Path) -> None:
+    from gateway.config.settings import Vault as VaultConfig
+    from gateway.vault.store import build_vault_store
+
+    (tmp_path / "a-file").write_text("not a directory")
+    with pytest.raises(ConfigError, match=r"^gateway.yaml: vault.path: cannot open .*a-file/vault.db"):
+        build_vault_store(VaultConfig(path="a-file/vault.db"), tmp_path, "gateway.yaml")
+    (tmp_path / "garbage.db").write_bytes(b"this is not an SQLite database at all" * 100)
+    with pytest.raises(ConfigError, match=r"vault.path: cannot open .*garbage.db"):
+        build_vault_store(VaultConfig(path="garbage.db"), tmp_path, "gateway.yaml")
