@@ -32,6 +32,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from gateway.config.settings import ClientMetadataDocuments, Registration
+from gateway.mcp.jsonstrict import StrictDecoder, has_lone_surrogate
 from gateway.oauth.store import KeyValueStore, key_of
 
 log = logging.getLogger(__name__)
@@ -204,10 +205,13 @@ class Registry:
     async def register(self, body: bytes) -> dict[str, Any]:
         if len(body) > self._registration.max_bytes:
             raise OAuthError("invalid_client_metadata", f"the registration request is larger than {self._registration.max_bytes} bytes")
-        try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise OAuthError("invalid_client_metadata", "the registration request is not JSON") from None
+        try:  # strict, as every JSON the gateway reads from outside: no key twice, no NaN, no lone surrogate
+            data = json.loads(body, cls=StrictDecoder)
+            if has_lone_surrogate(body, data):
+                raise ValueError("a lone surrogate")
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise OAuthError("invalid_client_metadata", "the registration request is not strict JSON (a key given twice, NaN, "
+                             "invalid text)") from None
         client, secret = client_from_metadata(data, client_id=secrets.token_urlsafe(24), kind="registered")
         await self._store.put(key_of("client", client.client_id), client.to_json(), self._registration.ttl)
         return registration_response(client, secret, int(time.time()))
@@ -304,7 +308,9 @@ class MetadataDocuments:
             async with asyncio.timeout(self._config.timeout):
                 address = await self._resolve(host, port)
                 body, max_age = await self._get(url, scheme, host, port, address)
-            data = json.loads(body)
+            data = json.loads(body, cls=StrictDecoder)
+            if has_lone_surrogate(body, data):
+                raise ValueError("a lone surrogate")
             if not isinstance(data, dict) or data.get("client_id") != url:
                 raise OAuthError("invalid_client", "the metadata document's client_id is not its own URL")
             client, _ = client_from_metadata(data, client_id=url, kind="metadata_document")

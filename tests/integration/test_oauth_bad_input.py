@@ -162,6 +162,10 @@ def test_registration_refuses_bad_redirect_uris(proxy: GatewayProcess, uris: Any
     json.dumps({"redirect_uris": [REDIRECT], "token_endpoint_auth_method": "private_key_jwt"}).encode(),
     json.dumps({"redirect_uris": [REDIRECT], "client_name": "x" * 1000}).encode(),
     json.dumps({"redirect_uris": [REDIRECT], "client_uri": "https://x.example/" + "a" * 20_000}).encode(),  # > 16 KiB
+    # strict JSON, as everywhere the gateway reads JSON from outside
+    ('{"redirect_uris": ["https://evil.example/cb"], "redirect_uris": ["%s"]}' % REDIRECT).encode(),  # a key twice
+    ('{"redirect_uris": ["%s"], "client_name": "\\ud800"}' % REDIRECT).encode(),  # a lone surrogate
+    ('{"redirect_uris": ["%s"], "default_max_age": NaN}' % REDIRECT).encode(),
 ])
 def test_registration_refuses_malformed_or_oversized_metadata(proxy: GatewayProcess, body: bytes) -> None:
     resp = httpx.post(proxy.base + "/oauth/register", content=body, headers={"Content-Type": "application/json"})
