@@ -64,6 +64,10 @@ def _scopes(value: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(value))
 
 
+class PolicyRefusal(VaultError):
+    """The policy said no (its reason goes to the decision log, not to a metric label)."""
+
+
 class Broker:
     def __init__(self, vault: Vault, config: VaultConfig, *, profile: Profile, engine: PolicyEngine, verifier: TokenVerifier,
                  decisions: DecisionLog, revision: str, metrics: Metrics, shadow: PolicyEngine | None = None,
@@ -112,7 +116,8 @@ class Broker:
         except VaultError as exc:
             status = exc.status
             if record.stage == "vault":  # refused before the vault was asked
-                self.vault.note_result(exc.reason if exc.status == 401 else "refused" if exc.error == "access_denied" else "bad_request")
+                # the policy's reasons are its own (unbounded): counted as `refused`; the gateway's by name
+                self.vault.note_result("refused" if isinstance(exc, PolicyRefusal) else exc.reason)
             record.result = {**(record.result or {}), "outcome": exc.reason, "status": exc.status}
             raise
         except Exception:
@@ -158,7 +163,7 @@ class Broker:
         if self._shadow is not None:
             await compare_shadow(self._shadow, self._metrics, record, policy_input)
         if decision.action is Action.REJECT:
-            raise VaultError(decision.status or 403, "access_denied", decision.reason, "the policy does not allow this release")
+            raise PolicyRefusal(decision.status or 403, "access_denied", decision.reason, "the policy does not allow this release")
         if decision.action is not Action.RELEASE:
             raise VaultError(503, "temporarily_unavailable", "policy_error", "the policy answered a vault request with "
                              f"{decision.action.value}, not release or reject")

@@ -333,6 +333,8 @@ def test_refusals_by_policy_never_reveal_whether_a_user_has_a_grant(nextcloud_se
     metrics = httpx.get(gw.base + "/metrics").text
     assert 'mcp_gateway_vault_releases_total{result="refused"} 5.0' in metrics
     assert 'mcp_gateway_vault_releases_total{result="vault_no_grant"} 1.0' in metrics
+    assert 'mcp_gateway_vault_releases_total{result="vault_client_unauthenticated"} 2.0' in metrics
+    assert 'result="vault_bad_request"' in metrics and "vault_backend_not_allowed" not in metrics  # policy reasons are no labels
 
 
 # --- 3. Rotation: single-use refresh tokens, two releases at once -------------------------
@@ -550,6 +552,7 @@ def test_guessing_backend_secrets_from_one_address_is_slowed_down(nextcloud_setu
     blocked = release(gw, "alice", audience=setup.audience)  # even the right secret waits now
     assert blocked.status_code == 429 and int(blocked.headers["retry-after"]) >= 1
     assert blocked.json()["error"] == "temporarily_unavailable"
+    assert 'mcp_gateway_vault_releases_total{result="vault_client_blocked"} 1.0' in httpx.get(gw.base + "/metrics").text
 
 
 def test_two_replicas_sharing_redis_never_spend_a_single_use_refresh_token_twice(nextcloud_setup: VaultSetup, gateways: Any,
