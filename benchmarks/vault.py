@@ -32,7 +32,7 @@ import httpx
 import yaml
 
 from benchmarks.loadgen import load
-from benchmarks.run import CALL, HEADERS, IDP_DIR, RESULTS, ROOT, Processes, free_port, measure, start_gateway, summarize
+from benchmarks.run import IDP_DIR, RESULTS, ROOT, Processes, free_port, measure, start_gateway, summarize
 
 REDIRECT = "http://127.0.0.1:47999/callback"
 BACKEND = ("bench-sync", "bench-sync-secret-0123456789")

@@ -35,7 +35,7 @@ from gateway.ops.audit import DecisionLog
 from gateway.ops.metrics import Metrics
 from gateway.ops.tracing import Tracing
 from gateway.policy.bundle import Bundle, DeclaredScopes, load_bundle
-from gateway.policy.cache import CachingEngine
+from gateway.policy.cache import CachingEngine, uncached
 from gateway.policy.decision import PolicyEngine, PolicyError
 from gateway.policy.engines import (
     build_engine,
@@ -162,7 +162,7 @@ class Gateway:
             vault_state = previous.vault.state if previous and previous.vault else VaultState(cfg.vault, settings.base_dir, settings.path.name)
             vault = Vault(vault_state, profile=profile, signin=signin, verifier=verifier, exchanger=exchanger, metrics=metrics)
             oauth.keeper = vault
-            broker = Broker(vault, cfg.vault, profile=profile, engine=engine.engine if isinstance(engine, CachingEngine) else engine,
+            broker = Broker(vault, cfg.vault, profile=profile, engine=uncached(engine),
                             verifier=verifier, decisions=decisions, revision=bundle.revision, metrics=metrics,
                             shadow=shadow, shadow_revision=shadow_revision)
         elif profile.mode.value == "delegate":
@@ -212,7 +212,7 @@ class Gateway:
     @property
     def deciding_engine(self) -> PolicyEngine:
         """The engine itself, under the decision cache if there is one."""
-        return self.engine.engine if isinstance(self.engine, CachingEngine) else self.engine
+        return uncached(self.engine)
 
     @property
     def serving_revision(self) -> str:

@@ -58,10 +58,11 @@ def _address(request: Request[Any, Any, Any]) -> str:
 
 
 def _query(request: Request[Any, Any, Any]) -> list[tuple[str, str]]:
-    return _pairs(request.scope.get("query_string", b""))
+    return form_pairs(request.scope.get("query_string", b""))
 
 
-def _pairs(raw: bytes) -> list[tuple[str, str]]:
+def form_pairs(raw: bytes) -> list[tuple[str, str]]:
+    """A form's (name, value) pairs; too large or unreadable is OAuthError invalid_request."""
     if len(raw) > _MAX_FORM:
         raise OAuthError("invalid_request", "the request is too large")
     try:
@@ -70,7 +71,8 @@ def _pairs(raw: bytes) -> list[tuple[str, str]]:
         raise OAuthError("invalid_request", "the request's parameters cannot be read") from None
 
 
-async def _body(request: Request[Any, Any, Any], limit: int) -> bytes:
+async def read_body(request: Request[Any, Any, Any], limit: int) -> bytes:
+    """The body, read as it streams in and refused (413) as soon as it passes `limit`."""
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -83,7 +85,7 @@ async def _body(request: Request[Any, Any, Any], limit: int) -> bytes:
 async def _form(request: Request[Any, Any, Any]) -> list[tuple[str, str]]:
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/x-www-form-urlencoded":
         raise OAuthError("invalid_request", "the body must be application/x-www-form-urlencoded")
-    return _pairs(await _body(request, _MAX_FORM))
+    return form_pairs(await read_body(request, _MAX_FORM))
 
 
 def _as_oauth(exc: Refusal) -> OAuthError:
@@ -147,7 +149,7 @@ def oauth_routes(public_url: str) -> list[HTTPRouteHandler]:
     async def register(request: Request[Any, Any, Any]) -> Response[Any]:
         try:
             server = _server(request)
-            answer = await server.register(await _body(request, server.config.registration.max_bytes), _address(request))
+            answer = await server.register(await read_body(request, server.config.registration.max_bytes), _address(request))
         except OAuthError as exc:
             return oauth_error(exc)
         except Refusal as refusal:

@@ -57,6 +57,21 @@ _PASSED_ERRORS = frozenset({"access_denied", "invalid_scope", "login_required", 
 _MAX_PARAM = 4_096
 
 
+def basic_credentials(authorization: str | None) -> tuple[str, str] | None:
+    """(id, secret) of an `Authorization: Basic` header (RFC 6749 §2.3.1: form-URL-encoded
+    before base64), None without one; ValueError when it cannot be read."""
+    if not authorization or authorization[:6].lower() != "basic ":
+        return None
+    try:
+        decoded = base64.b64decode(authorization[6:].strip(), validate=True).decode()
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError("malformed Basic credentials") from None
+    raw_id, sep, raw_secret = decoded.partition(":")
+    if not sep:
+        raise ValueError("malformed Basic credentials")
+    return unquote(raw_id), unquote(raw_secret)
+
+
 @dataclass(frozen=True)
 class Redirect:
     """Send the browser here (302)."""
@@ -282,16 +297,11 @@ class AuthorizationServer:
         return await self._refresh_grant(client, form)
 
     async def _authenticate(self, form: dict[str, str], authorization: str | None) -> Client:
-        basic_id = basic_secret = None
-        if authorization and authorization[:6].lower() == "basic ":
-            try:
-                decoded = base64.b64decode(authorization[6:].strip(), validate=True).decode()
-            except (ValueError, UnicodeDecodeError):
-                raise OAuthError("invalid_client", "malformed Basic credentials", status=401) from None
-            raw_id, sep, raw_secret = decoded.partition(":")
-            if not sep:
-                raise OAuthError("invalid_client", "malformed Basic credentials", status=401)
-            basic_id, basic_secret = unquote(raw_id), unquote(raw_secret)
+        try:
+            basic_id, basic_secret = basic_credentials(authorization) or (None, None)
+        except ValueError as exc:
+            raise OAuthError("invalid_client", str(exc), status=401) from None
+        if basic_id is not None:
             if "client_secret" in form or form.get("client_id", basic_id) != basic_id:
                 raise OAuthError("invalid_request", "use one client authentication method")
         client_id = basic_id or form.get("client_id", "")

@@ -113,3 +113,9 @@ class CachingEngine:
     async def aclose(self) -> None:
         self._decisions.clear()
         await self.engine.aclose()
+
+
+def uncached(engine: PolicyEngine) -> PolicyEngine:
+    """The engine itself, under the decision cache if there is one (for inputs the cache
+    should not hold, and for reports of which engine decides)."""
+    return engine.engine if isinstance(engine, CachingEngine) else engine

@@ -20,7 +20,7 @@ from gateway.oauth.server import CALLBACK_PATH
 from gateway.oauth.signin import IdpSignIn
 from gateway.vault.broker import grant_view
 from gateway.vault.crypto import Keyring, SealError
-from gateway.vault.keeper import rotate_keys
+from gateway.vault.keeper import revoke_grants, rotate_keys
 from gateway.vault.store import Grant, VaultStore, build_vault_store
 
 
@@ -39,15 +39,7 @@ class VaultAdmin:
         """Remove the matching grants and revoke each refresh token at the IdP: (removed, confirmed by the IdP)."""
         chosen = [g for g in await self.store.all()
                   if (subject is None or g.subject == subject) and (grant_id is None or g.grant_id == grant_id)]
-        confirmed = 0
-        for grant in chosen:
-            async with self.store.lock(grant.issuer, grant.subject, self.settings.config.vault.lock_timeout):
-                await self.store.remove(grant)  # under the user's lock, as a gateway's refresh holds it
-            try:
-                token = self.keyring.open(grant.kid, grant.sealed, grant.bound_to)["refresh_token"]
-            except (SealError, KeyError):
-                continue
-            confirmed += await self.signin.revoke(token, "refresh_token")
+        confirmed = await revoke_grants(self.store, self.keyring, self.signin, chosen, self.settings.config.vault.lock_timeout)
         return len(chosen), confirmed
 
     async def rotate(self) -> tuple[int, int, list[str]]:

@@ -12,18 +12,17 @@ A user reads and revokes their own grants with their own access token (`GET`/`DE
 
 from __future__ import annotations
 
-import base64
 import hmac
 import logging
 import re
 import time
 from typing import Any
-from urllib.parse import unquote
 
 from gateway.auth.audience import audience_problem
 from gateway.auth.tokens import TokenError, TokenVerifier, bearer_token
 from gateway.config.profiles import Profile
 from gateway.config.settings import Vault as VaultConfig
+from gateway.oauth.server import basic_credentials
 from gateway.ops.audit import AUDIT_LOGGER, DecisionLog, DecisionRecord
 from gateway.ops.metrics import Metrics
 from gateway.ops.shadow import compare_shadow
@@ -87,17 +86,12 @@ class Broker:
 
     def authenticate(self, params: dict[str, Any], authorization: str | None) -> str:
         """The backend's id (HTTP Basic, or client_id/client_secret in the body, as registered)."""
-        basic = None
-        if authorization and authorization[:6].lower() == "basic ":
-            try:
-                user, sep, secret = base64.b64decode(authorization[6:].strip(), validate=True).decode().partition(":")
-            except (ValueError, UnicodeDecodeError):
-                user, sep, secret = "", "", ""
-            if not sep:
-                raise VaultError(401, "invalid_client", "vault_client_unauthenticated", "malformed Basic credentials")
-            basic = (unquote(user), unquote(secret))
-            if "client_secret" in params:
-                raise VaultError(400, "invalid_request", "vault_bad_request", "use one client authentication method")
+        try:
+            basic = basic_credentials(authorization)
+        except ValueError as exc:
+            raise VaultError(401, "invalid_client", "vault_client_unauthenticated", str(exc)) from None
+        if basic is not None and "client_secret" in params:
+            raise VaultError(400, "invalid_request", "vault_bad_request", "use one client authentication method")
         client_id, secret = basic or (params.get("client_id"), params.get("client_secret"))
         backend = self._config.backends.get(client_id) if isinstance(client_id, str) else None
         method = "client_secret_basic" if basic else "client_secret_post"

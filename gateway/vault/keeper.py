@@ -19,9 +19,11 @@ backend, one refresh at a time per user.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -34,7 +36,7 @@ from gateway.oauth.signin import IdpError, IdpSignIn, IdpTokens
 from gateway.ops.metrics import Metrics
 from gateway.state.ratelimit import TokenBuckets
 from gateway.vault.crypto import Keyring, SealError
-from gateway.vault.store import Grant, VaultStore, build_vault_store, new_grant_id
+from gateway.vault.store import Grant, VaultStore, build_vault_store, current_grant, new_grant_id
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +266,7 @@ class Vault:
         the IdP); IdpError (`unavailable` for a 503) when it cannot be refreshed now."""
         try:
             async with self.state.local_lock(issuer, subject), self.store.lock(issuer, subject, self.config.lock_timeout):
-                grant = next((g for g in await self.store.grants(issuer, subject) if g.grant_id == grant_id), None)
+                grant = await current_grant(self.store, issuer, subject, grant_id)
                 if grant is None:
                     return None
                 tokens, _ = await self._refresh(grant, tuple(scope.split()) if scope else ())
@@ -277,7 +279,8 @@ class Vault:
         return replace(tokens, refresh_token=None)
 
     async def revoke_grant(self, issuer: str, subject: str, grant_id: str) -> None:
-        await self.revoke([g for g in await self.store.grants(issuer, subject) if g.grant_id == grant_id])
+        grant = await current_grant(self.store, issuer, subject, grant_id)
+        await self.revoke([grant] if grant is not None else [])
 
     # --- revocation and the user's view ------------------------------------------------
 
@@ -285,19 +288,12 @@ class Vault:
         return await self.store.grants(issuer, subject)
 
     async def revoke(self, grants: list[Grant]) -> int:
-        """Remove each grant and revoke its refresh token at the IdP (`token_type_hint=refresh_token`);
-        returns how many the IdP confirmed. Removed even when the IdP does not answer."""
-        confirmed = 0
+        """`revoke_grants`, and this process's cached tokens of them dropped; returns how many
+        the IdP confirmed."""
+        confirmed = await revoke_grants(self.store, self._keys, self._signin, grants, self.config.lock_timeout,
+                                        local_lock=self.state.local_lock)
         for grant in grants:
-            async with self.state.local_lock(grant.issuer, grant.subject), \
-                    self.store.lock(grant.issuer, grant.subject, self.config.lock_timeout):
-                await self.store.remove(grant)  # under the lock: no refresh of it is half done
             self._drop_cached(grant)
-            try:
-                token = self._keys.open(grant.kid, grant.sealed, grant.bound_to)["refresh_token"]
-            except (SealError, KeyError):
-                continue
-            confirmed += await self._signin.revoke(token, "refresh_token")
         await self.count()
         return confirmed
 
@@ -322,6 +318,28 @@ class _GrantDead(Exception):
     """The IdP called this grant's refresh token invalid; the grant was removed."""
 
 
+async def revoke_grants(store: VaultStore, keyring: Keyring, signin: IdpSignIn, grants: list[Grant], lock_timeout: float,
+                        *, local_lock: Callable[[str, str], asyncio.Lock] | None = None) -> int:
+    """Remove each grant and revoke its refresh token at the IdP (`token_type_hint=refresh_token`):
+    under the user's lock, re-read, so the token revoked is the one the grant holds now (not one
+    a refresh rotated away meanwhile). Removed even when the IdP does not answer; returns how
+    many revocations the IdP confirmed."""
+    confirmed = 0
+    for listed in grants:
+        async with (local_lock(listed.issuer, listed.subject) if local_lock else contextlib.nullcontext()), \
+                store.lock(listed.issuer, listed.subject, lock_timeout):
+            grant = await current_grant(store, listed.issuer, listed.subject, listed.grant_id)
+            if grant is None:
+                continue
+            await store.remove(grant)
+        try:
+            token = keyring.open(grant.kid, grant.sealed, grant.bound_to)["refresh_token"]
+        except (SealError, KeyError):
+            continue
+        confirmed += await signin.revoke(token, "refresh_token")
+    return confirmed
+
+
 async def rotate_keys(store: VaultStore, keyring: Keyring, lock_timeout: float) -> tuple[int, int, list[str]]:
     """Re-encrypt every grant not under the current key: (re-encrypted, already current,
     problems). Each under its user's lock, as a release would, so a refresh running in a
@@ -334,7 +352,7 @@ async def rotate_keys(store: VaultStore, keyring: Keyring, lock_timeout: float) 
             current += 1
             continue
         async with store.lock(listed.issuer, listed.subject, lock_timeout):
-            grant = next((g for g in await store.grants(listed.issuer, listed.subject) if g.grant_id == listed.grant_id), None)
+            grant = await current_grant(store, listed.issuer, listed.subject, listed.grant_id)
             if grant is None:
                 continue  # removed meanwhile
             try:

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 from typing import Any
-from urllib.parse import parse_qsl
 
 from litestar import Request, Response, delete, get, post
 from litestar.handlers import HTTPRouteHandler
 
 from gateway.mcp.jsonrpc import Refusal
+from gateway.oauth.clients import OAuthError
+from gateway.oauth.routes import form_pairs, read_body
+from gateway.oauth.server import single_params
 from gateway.mcp.jsonstrict import StrictDecoder, has_lone_surrogate
 from gateway.vault.broker import GRANTS_PATH, TOKEN_PATH, Broker
 from gateway.vault.keeper import VaultError
@@ -41,32 +43,24 @@ def _error(exc: VaultError) -> Response[bytes]:
 
 
 async def _params(request: Request[Any, Any, Any]) -> dict[str, Any]:
-    """A form or a JSON object, at most _MAX_BODY bytes; a parameter given twice is refused."""
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > _MAX_BODY:
-            raise VaultError(413, "invalid_request", "vault_bad_request", f"the request body is larger than {_MAX_BODY} bytes")
-        chunks.append(chunk)
-    raw = b"".join(chunks)
-    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    """A form (each parameter once) or a strict JSON object, at most _MAX_BODY bytes: read as
+    the authorization server reads its own (gateway.oauth.routes), refusals in vault terms."""
     try:
-        if kind == "application/json":  # strict: a key given twice, NaN, a lone surrogate are refused
-            value = json.loads(raw, cls=StrictDecoder)
-            if not isinstance(value, dict) or len(value) > _MAX_FIELDS or has_lone_surrogate(raw, value):
-                raise ValueError
-            return value
+        raw = await read_body(request, _MAX_BODY)
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind == "application/x-www-form-urlencoded":
-            pairs = parse_qsl(raw.decode("utf-8"), keep_blank_values=True, max_num_fields=_MAX_FIELDS)
-            params: dict[str, Any] = {}
-            for name, value in pairs:
-                if name in params:
-                    raise VaultError(400, "invalid_request", "vault_bad_request", f"the parameter {name[:40]} is given more than once")
-                params[name] = value
-            return params
+            return single_params(form_pairs(raw))
+    except OAuthError as exc:
+        raise VaultError(exc.status, exc.error, "vault_bad_request", exc.description) from None
+    if kind != "application/json":
+        raise VaultError(400, "invalid_request", "vault_bad_request", "the body must be a form or a JSON object")
+    try:  # strict: a key given twice, NaN, a lone surrogate are refused
+        value = json.loads(raw, cls=StrictDecoder)
+        if not isinstance(value, dict) or len(value) > _MAX_FIELDS or has_lone_surrogate(raw, value):
+            raise ValueError
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise VaultError(400, "invalid_request", "vault_bad_request", "the request body cannot be read") from None
-    raise VaultError(400, "invalid_request", "vault_bad_request", "the body must be a form or a JSON object")
+    return value
 
 
 def vault_routes() -> list[HTTPRouteHandler]:

@@ -60,8 +60,8 @@ class Grant:
         return json.dumps(fields, separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, raw: str | bytes, used_by: dict[str, dict[str, float]] | None = None) -> Grant:
-        return cls(**json.loads(raw), used_by=used_by or {})
+    def from_json(cls, raw: str | bytes) -> Grant:
+        return cls(**json.loads(raw))
 
 
 def new_grant_id() -> str:
@@ -334,6 +334,12 @@ class RedisVault:
 
     async def aclose(self) -> None:
         await self._redis.aclose()
+
+
+async def current_grant(store: VaultStore, issuer: str, subject: str, grant_id: str) -> Grant | None:
+    """The grant as the store holds it now (read under the user's lock: a refresh may have
+    rotated its token since it was listed), or None once removed."""
+    return next((g for g in await store.grants(issuer, subject) if g.grant_id == grant_id), None)
 
 
 def build_vault_store(config: VaultConfig, base_dir: Path, config_name: str) -> VaultStore:
